@@ -1,0 +1,19 @@
+# adabatch-hvd: `make train` runs the main job, `make test` runs the tests; both set up first.
+SHELL := /bin/bash
+PY := .venv/bin/python
+NP ?= 2
+RUN_DIR ?= runs/fashion_mnist
+
+.PHONY: setup train test bench bench-quick clean
+
+setup:
+	@./launch/setup.sh
+
+train: setup
+	@./launch/run-local.sh $(NP) --config configs/fashion_mnist.yaml --run-dir $(RUN_DIR)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf runs .pytest_cache .hypothesis

@@ -1,0 +1,83 @@
+"""Every Horovod call of the project, in one place (the only module that imports horovod)."""
+
+from __future__ import annotations
+
+import os
+
+import horovod.torch as hvd
+import torch
+
+Sum = hvd.Sum
+Average = hvd.Average
+
+
+def init(threads: int = 0) -> None:
+    """Start Horovod and size torch's CPU threads so that local ranks don't oversubscribe cores.
+
+    threads=0 means cores / local ranks (Horovod's CPU examples use 1 thread per rank; N ranks
+    each using every core thrash on a small machine).
+    """
+    hvd.init()
+    if threads <= 0:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, cores // hvd.local_size())
+    torch.set_num_threads(threads)
+
+
+def rank() -> int:
+    return hvd.rank()
+
+
+def size() -> int:
+    return hvd.size()
+
+
+def local_rank() -> int:
+    return hvd.local_rank()
+
+
+def is_main() -> bool:
+    return hvd.rank() == 0
+
+
+def allreduce_sum(tensor: torch.Tensor, name: str | None = None) -> torch.Tensor:
+    return hvd.allreduce(tensor, op=hvd.Sum, name=name)
+
+
+def allreduce_mean(tensor: torch.Tensor, name: str | None = None) -> torch.Tensor:
+    return hvd.allreduce(tensor, op=hvd.Average, name=name)
+
+
+# Horovod matches collectives by name, and its *_object helpers default the name to the object's
+# type: a root sending a dict while the others pass None would then wait forever. Fixed names.
+def broadcast_object(obj, root: int = 0, name: str = "broadcast_object"):
+    return hvd.broadcast_object(obj, root_rank=root, name=name)
+
+
+def allgather_object(obj, name: str = "allgather_object") -> list:
+    return hvd.allgather_object(obj, name=name)
+
+
+def broadcast_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, root: int = 0) -> None:
+    """Make every rank start from rank `root`'s parameters, buffers and optimizer state."""
+    hvd.broadcast_parameters(model.state_dict(), root_rank=root)
+    if optimizer is not None:
+        hvd.broadcast_optimizer_state(optimizer, root_rank=root)
+
+
+def distributed_optimizer(optimizer, model: torch.nn.Module, backward_passes_per_step: int = 1):
+    """Horovod's DistributedOptimizer: one averaged allreduce per parameter every k backward passes."""
+    return hvd.DistributedOptimizer(
+        optimizer,
+        named_parameters=model.named_parameters(),
+        backward_passes_per_step=backward_passes_per_step,
+        op=hvd.Average,
+    )
+
+
+def barrier() -> None:
+    hvd.barrier()
+
+
+def shutdown() -> None:
+    hvd.shutdown()

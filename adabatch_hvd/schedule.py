@@ -1,0 +1,203 @@
+"""AdaBatch stage schedule: per-epoch global batch, micro-batching and learning rate.
+
+Pure Python (no torch, no horovod), so every stage, world size and edge case is testable in
+milliseconds.
+
+The rule (Devarakonda, Naumov, Garland, arXiv 1712.02029): the global batch r starts at B0 and
+grows by a factor at stage boundaries (every `interval` epochs, or at explicit epochs), up to a
+maximum. The learning rate follows a scaling rule in the batch (linear keeps alpha/r constant)
+combined with the ordinary step decay at the same boundaries. With linear scaling, doubling and
+`lr_decay=0.375` this is the paper's CIFAR recipe: AdaBatch multiplies the LR by 2 x 0.375 = 0.75
+at each doubling, while the fixed-batch baseline (`mode="fixed"`) multiplies it by 0.375 at the
+same epochs, so alpha/r follows the same path in both runs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+from .errors import UserError
+
+SCALING_RULES = {
+    "linear": lambda ratio: ratio,  # Goyal et al.: alpha proportional to B
+    "sqrt": math.sqrt,  # Krizhevsky 2014 / Hoffer et al.: alpha proportional to sqrt(B)
+    "none": lambda ratio: 1.0,
+}
+MODES = ("adaptive", "fixed")
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """What one epoch runs with, resolved for a world size and a micro-batch cap."""
+
+    epoch: int
+    stage: int
+    global_batch: int
+    per_worker_batch: int
+    micro_batch: int
+    accum_steps: int
+    lr: float
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The AdaBatch schedule of a run; `resolve`/`plan` turn it into per-epoch numbers."""
+
+    initial_batch: int
+    epochs: int
+    lr: float
+    growth_factor: float = 2.0
+    interval: int = 20
+    stages: Tuple[Tuple[int, int], ...] = ()
+    max_batch: Optional[int] = None
+    mode: str = "adaptive"
+    scaling: str = "linear"
+    lr_decay: float = 0.375
+    warmup_epochs: float = 0.0
+    warmup_start_factor: float = 0.1
+    reference_batch: Optional[int] = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "stages", tuple((int(e), int(b)) for e, b in self.stages))
+        if self.epochs <= 0:
+            raise UserError(f"epochs must be > 0, got {self.epochs}")
+        if not self.lr > 0 or math.isinf(self.lr):
+            raise UserError(f"learning rate must be a finite number > 0, got {self.lr}")
+        if self.mode not in MODES:
+            raise UserError(f"unknown schedule mode '{self.mode}'; choose one of {', '.join(MODES)}")
+        if self.scaling not in SCALING_RULES:
+            raise UserError(f"unknown LR scaling rule '{self.scaling}'; choose one of {', '.join(SCALING_RULES)}")
+        if not 0 < self.lr_decay <= 1:
+            raise UserError(f"lr_decay must be in (0, 1], got {self.lr_decay} (1 means no step decay)")
+        if self.warmup_epochs < 0:
+            raise UserError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if not 0 < self.warmup_start_factor <= 1:
+            raise UserError(f"warmup_start_factor must be in (0, 1], got {self.warmup_start_factor}")
+        if self.reference_batch is not None and self.reference_batch <= 0:
+            raise UserError(f"reference_batch must be > 0, got {self.reference_batch}")
+        if self.stages:
+            self._check_stages()
+        else:
+            if self.initial_batch <= 0:
+                raise UserError(f"initial batch must be > 0, got {self.initial_batch}")
+            if self.interval <= 0:
+                raise UserError(f"stage interval must be > 0 epochs, got {self.interval}")
+            if self.mode == "adaptive" and not self.growth_factor > 1:
+                raise UserError(
+                    f"growth factor must be > 1, got {self.growth_factor} (use mode=fixed for a constant batch)"
+                )
+        if self.max_batch is not None and self.max_batch < self.first_batch:
+            raise UserError(
+                f"max batch {self.max_batch} is below the initial batch {self.first_batch}; "
+                f"raise max_batch or lower the initial batch"
+            )
+        for e in range(self.epochs):  # non-integral growth (e.g. 1.5 x 5) shows up here
+            self.global_batch(e)
+
+    def _check_stages(self):
+        epochs = [e for e, _ in self.stages]
+        if epochs[0] != 0:
+            raise UserError(f"the first stage must start at epoch 0, got '{epochs[0]}:{self.stages[0][1]}'")
+        if any(b <= a for a, b in zip(epochs, epochs[1:])):
+            raise UserError(f"stage epochs must be strictly increasing, got {epochs}")
+        for e, b in self.stages:
+            if b <= 0:
+                raise UserError(f"stage '{e}:{b}' has a batch <= 0; every global batch must be positive")
+
+    # ---- stages --------------------------------------------------------------------------
+    @property
+    def first_batch(self) -> int:
+        return self.stages[0][1] if self.stages else self.initial_batch
+
+    def boundaries(self) -> Sequence[int]:
+        """Epochs at which a stage starts (0 included); the LR decays at every later one."""
+        if self.stages:
+            return [e for e, _ in self.stages if e < self.epochs]
+        return list(range(0, self.epochs, self.interval))
+
+    def stage_of(self, epoch: float) -> int:
+        return sum(1 for b in self.boundaries() if b <= epoch) - 1
+
+    def global_batch(self, epoch: int) -> int:
+        stage = self.stage_of(epoch)
+        if self.mode == "fixed":
+            batch = self.first_batch
+        elif self.stages:
+            batch = self.stages[stage][1]
+        else:
+            exact = self.initial_batch * self.growth_factor**stage
+            if self.max_batch is not None and exact >= self.max_batch:
+                return self.max_batch
+            batch = round(exact)
+            if abs(batch - exact) > 1e-6 * exact:
+                raise UserError(
+                    f"growth factor {self.growth_factor} from batch {self.initial_batch} gives a non-integer "
+                    f"batch {exact:g} at stage {stage}; use an integer factor or explicit stages"
+                )
+        return min(batch, self.max_batch) if self.max_batch is not None else batch
+
+    # ---- learning rate -------------------------------------------------------------------
+    def lr_at(self, epoch: float) -> float:
+        """LR at a fractional epoch: scaling rule x step decay x linear warmup."""
+        e = int(math.floor(epoch))
+        reference = self.reference_batch or self.first_batch
+        lr = self.lr * SCALING_RULES[self.scaling](self.global_batch(e) / reference)
+        lr *= self.lr_decay ** self.stage_of(e)
+        if epoch < self.warmup_epochs:
+            frac = epoch / self.warmup_epochs
+            lr *= self.warmup_start_factor + (1.0 - self.warmup_start_factor) * frac
+        return lr
+
+    # ---- per-worker resolution -----------------------------------------------------------
+    def resolve(self, epoch: int, world_size: int, max_micro_batch: Optional[int] = None) -> EpochPlan:
+        if world_size <= 0:
+            raise UserError(f"world size must be > 0, got {world_size}")
+        if max_micro_batch is not None and max_micro_batch <= 0:
+            raise UserError(f"max micro-batch must be > 0, got {max_micro_batch}")
+        stage, gb = self.stage_of(epoch), self.global_batch(epoch)
+        if gb % world_size:
+            up = -(-gb // world_size) * world_size
+            raise UserError(
+                f"global batch {gb} (epoch {epoch}, stage {stage}) is not divisible by the world size "
+                f"{world_size}; use batches that are multiples of {world_size} (e.g. {up}) or another -np"
+            )
+        per_worker = gb // world_size
+        accum = 1 if max_micro_batch is None else -(-per_worker // max_micro_batch)
+        if per_worker % accum:
+            fits = [d for d in range(max_micro_batch, 0, -1) if per_worker % d == 0][:2]
+            raise UserError(
+                f"per-worker batch {per_worker} (global {gb} / {world_size} workers, epoch {epoch}) does not split "
+                f"into {accum} equal micro-batches of at most {max_micro_batch}; "
+                f"set max_micro_batch to a divisor of {per_worker}, e.g. {' or '.join(map(str, fits))}"
+            )
+        return EpochPlan(
+            epoch=epoch,
+            stage=stage,
+            global_batch=gb,
+            per_worker_batch=per_worker,
+            micro_batch=per_worker // accum,
+            accum_steps=accum,
+            lr=self.lr_at(epoch),
+        )
+
+    def plan(self, world_size: int, max_micro_batch: Optional[int] = None) -> list:
+        """Every epoch resolved; raises on the first impossible one, before anything trains."""
+        return [self.resolve(e, world_size, max_micro_batch) for e in range(self.epochs)]
+
+
+def parse_stages(spec) -> Tuple[Tuple[int, int], ...]:
+    """'0:128,20:256' or ['0:128', '20:256'] -> ((0, 128), (20, 256))."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    out = []
+    for item in items:
+        item = str(item).strip()
+        if not item:
+            continue
+        try:
+            e, b = item.split(":")
+            out.append((int(e), int(b)))
+        except ValueError:
+            raise UserError(f"bad stage '{item}': write stages as epoch:global_batch, e.g. 0:128,20:256") from None
+    return tuple(out)
