@@ -8,7 +8,6 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["adabatch_hvd", "adabatch_hvd.*"]),
-    package_data={"adabatch_hvd": ["configs/*.yaml"]},
     # horovod is built from source by launch/setup.sh (patched for torch >= 2.1), so it is
     # not listed here: pip would otherwise try to build the unpatched sdist.
     install_requires=[

@@ -127,7 +127,8 @@ class Schedule:
         elif self.stages:
             batch = self.stages[stage][1]
         else:
-            exact = self.initial_batch * self.growth_factor**stage
+            g = self.growth_factor
+            exact = self.initial_batch * (int(g) ** stage if float(g).is_integer() else g**stage)
             if self.max_batch is not None and exact >= self.max_batch:
                 return self.max_batch
             batch = round(exact)

@@ -1,0 +1,5 @@
+"""python -m adabatch_hvd: the same as adabatch-train."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,60 @@
+"""One optimizer step over micro-batches with one Horovod allreduce per parameter.
+
+Horovod's DistributedOptimizer counts backward passes per gradient and starts the allreduce on the
+k-th (k = backward_passes_per_step), averaging over ranks but never dividing by k. So each
+micro-batch's mean loss is scaled by n_micro * world / step_size: summed over micro-batches and
+averaged over ranks, the update is then exactly the gradient of the mean loss over the step's
+global batch, also for a short last step or ranks with unequal shares.
+BatchNorm breaks this exactness: it normalizes each micro-batch, not the global batch.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterable, Tuple
+
+import torch
+
+
+class Accumulator:
+    """Runs optimizer steps made of micro-batches; owns the optimizer's backward_passes_per_step."""
+
+    def __init__(self, model: torch.nn.Module, optimizer, world_size: int, loss_fn: Callable = None):
+        self.model = model
+        self.optimizer = optimizer  # a horovod DistributedOptimizer (or a plain one for size 1)
+        self.world_size = world_size
+        self.loss_fn = loss_fn or torch.nn.functional.cross_entropy
+        self.passes = getattr(optimizer, "backward_passes_per_step", 1)
+        self.sync_seconds = 0.0  # time of the last optimizer.step(): waiting for the allreduces
+
+    def set_passes(self, passes: int) -> None:
+        """Change k; only called between steps, where Horovod's counters may be reset."""
+        if passes != self.passes and hasattr(self.optimizer, "set_backward_passes_per_step"):
+            self.optimizer.set_backward_passes_per_step(passes)
+        self.passes = passes
+
+    def step(self, micro_batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], step_size: int, passes: int):
+        """Forward/backward every micro-batch of this rank, then one optimizer step.
+
+        Returns (loss_sum, correct, count) over this rank's samples; the first two stay detached
+        tensors on the model's device (no .item() per micro-step, which would sync a GPU).
+        """
+        self.set_passes(passes)
+        self.model.train()
+        loss_sum, correct, count = 0.0, 0, 0
+        for x, y in micro_batches:
+            out = self.model(x)
+            loss = self.loss_fn(out, y)
+            (loss * (len(y) * self.world_size / step_size)).backward()
+            loss_sum = loss_sum + loss.detach().double() * len(y)
+            correct = correct + (out.argmax(1) == y).sum()
+            count += len(y)
+        if count == 0:
+            # A rank with no samples in this step (a tiny tail after a world-size change) still
+            # has to join every allreduce: contribute zero gradients.
+            (sum(p.sum() for p in self.model.parameters()) * 0.0).backward()
+        t0 = time.perf_counter()
+        self.optimizer.step()
+        self.sync_seconds = time.perf_counter() - t0
+        self.optimizer.zero_grad()
+        return loss_sum, correct, count

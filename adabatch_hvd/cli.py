@@ -1,0 +1,113 @@
+"""Command-line entry points: adabatch-train (python -m adabatch_hvd) and adabatch-plan.
+
+A mistake in the input ends with one line on stderr and exit code 2; a NaN/Inf loss with exit
+code 3; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from . import config, sampler
+from .errors import UserError
+
+# Training-set sizes, so that adabatch-plan works without the data on disk.
+TRAIN_SIZES = {"fashion-mnist": 60000, "cifar10": 50000, "cifar100": 50000, "imagenet": 1281167}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse would print the whole usage first)
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", "-c", metavar="FILE.yaml", help="YAML config; flags below override it")
+    config.add_arguments(p)
+    return p
+
+
+def _overrides(args) -> dict:
+    return {k: v for k, v in vars(args).items() if "." in k}
+
+
+def _setup_logging(rank: int | str) -> None:
+    logging.basicConfig(level=os.environ.get("ADABATCH_LOG_LEVEL", "INFO"),
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+
+
+def train_main(argv=None) -> int:
+    """adabatch-train: run (or resume) an AdaBatch training job on every Horovod rank."""
+    args = _parser("adabatch-train", "Train with AdaBatch adaptive batch sizes on Horovod.").parse_args(argv)
+    prog = "adabatch-train"
+    try:
+        cfg = config.from_args(args.config, _overrides(args))
+        config.build_schedule(cfg)  # schedule errors before Horovod starts
+        from . import dist
+        from .trainer import NonFiniteLoss, Trainer
+
+        dist.init(cfg.run.threads)
+        _setup_logging(dist.rank())
+        try:
+            Trainer(cfg).fit()
+        except NonFiniteLoss as e:
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            return 3
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def plan_table(cfg: config.Config, world_size: int, num_samples: int) -> str:
+    """The per-stage table: epochs, batches, micro-batching, LR and optimizer steps per epoch."""
+    schedule = config.build_schedule(cfg)
+    plans = schedule.plan(world_size, cfg.schedule.max_micro_batch)
+    head = ("stage", "epochs", "global", "per-worker", "micro", "accum", "lr", "steps/epoch")
+    rows = []
+    for p in plans:
+        if rows and rows[-1][0] == p.stage:
+            rows[-1][1][1] = p.epoch
+            continue
+        steps = len(sampler.steps(num_samples, p.global_batch, world_size))
+        rows.append([p.stage, [p.epoch, p.epoch], p.global_batch, p.per_worker_batch, p.micro_batch,
+                     p.accum_steps, f"{p.lr:.5g}", steps])
+    cells = [[str(r[0]), f"{r[1][0]}-{r[1][1]}", *map(str, r[2:])] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
+    fmt = "  ".join(f"{{:>{w}}}" for w in widths)
+    lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*c) for c in cells]
+    s = cfg.schedule
+    title = (f"{cfg.model.name} on {cfg.data.name} ({num_samples} samples), {world_size} workers, "
+             f"mode={s.mode}, scaling={s.scaling}, lr_decay={s.lr_decay}, max_micro_batch={s.max_micro_batch}")
+    if s.warmup_epochs:
+        title += f", warmup {s.warmup_epochs} epochs (stage 0 lr is the warmup start)"
+    return "\n".join([title, *lines])
+
+
+def plan_main(argv=None) -> int:
+    """adabatch-plan: print the per-stage table for a config and world size, without training."""
+    p = _parser("adabatch-plan", "Print the AdaBatch stage table for a config, without training.")
+    p.add_argument("--world-size", "-n", type=int, default=1, help="number of Horovod workers")
+    p.add_argument("--num-samples", type=int, default=None, help="training-set size (default: the data set's)")
+    args = p.parse_args(argv)
+    try:
+        cfg = config.from_args(args.config, _overrides(args))
+        n = args.num_samples or TRAIN_SIZES.get(cfg.data.name) or cfg.data.synthetic_samples
+        if n <= 0:
+            raise UserError(f"--num-samples must be > 0, got {n}")
+        print(plan_table(cfg, args.world_size, n))
+    except UserError as e:
+        print(f"adabatch-plan: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main() -> None:
+    sys.exit(train_main())

@@ -1,0 +1,105 @@
+"""What a person watching the run sees: log lines, a progress bar and TensorBoard (rank 0 only)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .config import Config, to_dict
+
+log = logging.getLogger(__name__)
+
+EPOCH_SCALARS = {  # TensorBoard tag -> metrics.jsonl field
+    "train/loss": "train_loss", "train/acc": "train_acc", "test/loss": "test_loss", "test/acc": "test_acc",
+    "lr": "lr", "batch/global": "global_batch", "batch/per_worker": "per_worker_batch",
+    "batch/micro": "micro_batch", "batch/accum_steps": "accum_steps",
+    "perf/samples_per_sec": "samples_per_second", "perf/epoch_seconds": "epoch_seconds",
+    "perf/allreduce_wait_share": "allreduce_wait_share",
+}
+
+
+class Monitor:
+    """Receives the trainer's events; does nothing on ranks other than 0."""
+
+    def __init__(self, cfg: Config, main: bool, run_dir: Path):
+        self.cfg, self.main, self.run_dir = cfg, main, run_dir
+        self.writer = None
+        self.bar = None
+        self.show_bar = main and not cfg.run.quiet and sys.stdout.isatty()
+        self.step_seconds = self.sync_seconds = 0.0
+        if main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tb"))
+
+    def start(self, plans, world: int, epoch: int) -> None:
+        if not self.main:
+            return
+        p = plans[0]
+        log.info("world size %d; %d epochs; global batch %d -> %d; run dir %s", world, len(plans), p.global_batch,
+                 plans[-1].global_batch, self.run_dir)
+        if epoch:
+            log.info("continuing at epoch %d", epoch)
+
+    def stage(self, plan, previous) -> None:
+        if not self.main or (previous is not None and previous.stage == plan.stage):
+            return
+        text = (f"stage {plan.stage} from epoch {plan.epoch}: global batch {plan.global_batch} "
+                f"({plan.per_worker_batch}/worker = {plan.accum_steps} x {plan.micro_batch}), lr {plan.lr:.5g}")
+        if previous is not None:
+            text += f" (was global batch {previous.global_batch}, lr {previous.lr:.5g})"
+        log.info(text)
+        self.writer.add_text("stage", text, plan.epoch)
+
+    def epoch_start(self, plan, samples: int) -> None:
+        self.step_seconds = self.sync_seconds = 0.0
+        self.plan = plan
+        if self.show_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=samples, unit="sample", unit_scale=True, leave=False, dynamic_ncols=True,
+                            desc=f"epoch {plan.epoch} B={plan.global_batch}")
+            self.t0 = time.perf_counter()
+            self.done = 0
+
+    def step(self, size: int, loss: float, seconds: float, sync_seconds: float) -> None:
+        self.step_seconds += seconds
+        self.sync_seconds += sync_seconds
+        if self.bar is not None:
+            self.done += size
+            self.bar.update(size)
+            rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
+            self.bar.set_postfix(loss=f"{loss:.4f}", sps=f"{rate:.0f}", batch=self.plan.global_batch,
+                                 accum=self.plan.accum_steps, refresh=False)
+
+    def wait_share(self) -> float:
+        return self.sync_seconds / self.step_seconds if self.step_seconds > 0 else 0.0
+
+    def epoch(self, record: dict) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if not self.main:
+            return
+        log.info("epoch %d: train loss %.4f acc %.4f | test loss %.4f acc %.4f | B=%d (%d x %d) lr %.4g | "
+                 "%.1f s, %.0f samples/s", record["epoch"], record["train_loss"], record["train_acc"],
+                 record["test_loss"], record["test_acc"], record["global_batch"], record["accum_steps"],
+                 record["micro_batch"], record["lr"], record["epoch_seconds"], record["samples_per_second"] or 0)
+        for tag, key in EPOCH_SCALARS.items():
+            if record.get(key) is not None:
+                self.writer.add_scalar(tag, record[key], record["epoch"])
+        self.writer.flush()
+
+    def close(self, final: dict | None) -> None:
+        if not self.main:
+            return
+        if final is not None:
+            hp = {f"{section}.{k}": (v if isinstance(v, (int, float, str, bool)) else str(v))
+                  for section, values in to_dict(self.cfg).items() for k, v in values.items()}
+            metrics = {f"hparam/{k}": final[k] for k in ("test_acc", "test_loss", "train_loss")}
+            self.writer.add_hparams(hp, metrics, run_name=".")
+        self.writer.close()
+        log.info("metrics: %s | config: %s | TensorBoard: %s | checkpoints: %s", self.run_dir / "metrics.jsonl",
+                 self.run_dir / "config.yaml", self.run_dir / "tb", self.run_dir / "checkpoints")

@@ -1,0 +1,282 @@
+"""The AdaBatch training loop: load, step, evaluate, log, save.
+
+Positions are (epoch, sample offset) into the epoch's permutation; the batch, micro-batch,
+accumulation steps and LR of every epoch come from the schedule's plan, resolved for this world
+size before anything trains.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from . import checkpoint, dist, sampler
+from .accumulation import Accumulator
+from .config import Config, build_schedule, dump_yaml, to_dict
+from .data import build_dataset
+from .errors import UserError
+from .models import build_model, has_batchnorm
+from .monitor import Monitor
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError("run.device=cuda but no CUDA device is visible; use run.device=cpu")
+    torch.cuda.set_device(dist.local_rank())
+    return torch.device("cuda", dist.local_rank())
+
+
+def library_versions() -> dict:
+    import horovod
+    import torchvision
+
+    from . import __version__
+
+    return {"adabatch_hvd": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "horovod": horovod.__version__}
+
+
+class Trainer:
+    """Owns the model, optimizer, data and position of one run on this rank."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.rank, self.world = dist.rank(), dist.size()
+        self.main = self.rank == 0
+        self.device = pick_device(cfg.run.device)
+        self.schedule = build_schedule(cfg)
+        self.plans = self.schedule.plan(self.world, cfg.schedule.max_micro_batch)
+        self.run_dir = Path(cfg.run.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        _agree(lambda: _check_writable(self.run_dir) if self.main else None)
+        d = cfg.data
+        kw = dict(seed=cfg.run.seed, synthetic_samples=d.synthetic_samples,
+                  synthetic_shape=tuple(d.synthetic_shape), synthetic_classes=d.synthetic_classes)
+        self.train_set = build_dataset(d.name, d.root, True, augment=d.augment, **kw)
+        self.test_set = build_dataset(d.name, d.root, False, augment=False, **kw)
+        if len(self.train_set) < self.world:
+            raise UserError(f"the training set has {len(self.train_set)} samples, fewer than {self.world} workers")
+
+        torch.manual_seed(cfg.run.seed)  # the same init everywhere; rank 0's is broadcast anyway
+        self.model = build_model(cfg.model.name, self.train_set.info).to(self.device)
+        torch.manual_seed(cfg.run.seed * 1000 + 1 + self.rank)  # per-rank stream for dropout etc.
+        o = cfg.optim
+        base = torch.optim.SGD(self.model.parameters(), lr=self.plans[0].lr, momentum=o.momentum,
+                               weight_decay=o.weight_decay, nesterov=o.nesterov)
+        self.optimizer = dist.distributed_optimizer(base, self.model, self.plans[0].accum_steps)
+        self.acc = Accumulator(self.model, self.optimizer, self.world)
+
+        self.epoch, self.offset, self.global_step = 0, 0, 0
+        self.partial = torch.zeros(3, dtype=torch.float64)  # this epoch's (loss_sum, correct, count), reduced
+        self.partial_seconds = 0.0
+        self.resumed_from = None
+        self.history_tail = None
+        if cfg.run.resume:
+            self._resume(cfg.run.resume)
+        dist.broadcast_state(self.model, self.optimizer, root=0)
+        self.acc.passes = self.optimizer.backward_passes_per_step
+        self.monitor = Monitor(cfg, self.main, self.run_dir)
+        if self.main:
+            (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
+            if has_batchnorm(self.model) and any(p.accum_steps > 1 for p in self.plans):
+                log.warning("%s has BatchNorm: with gradient accumulation it normalizes each micro-batch, "
+                            "not the global batch, so accumulated updates are not exactly the large-batch ones",
+                            cfg.model.name)
+
+    # ---- the loop --------------------------------------------------------------------------
+    def fit(self) -> None:
+        self.monitor.start(self.plans, self.world, self.epoch)
+        steps_this_process = 0
+        while self.epoch < self.schedule.epochs:
+            plan = self.plans[self.epoch]
+            if self.offset == 0:
+                self.monitor.stage(plan, self.plans[self.epoch - 1] if self.epoch else None)
+            finished, steps_this_process = self._train_epoch(plan, steps_this_process)
+            if not finished:
+                return  # run.stop_after_steps reached (tests); the checkpoint holds the position
+            record = self._end_epoch(plan)
+            self.monitor.epoch(record)
+        self.monitor.close(self.history_tail)
+
+    def _train_epoch(self, plan, steps_this_process):
+        cfg, n = self.cfg, len(self.train_set)
+        order = sampler.permutation(n, cfg.run.seed, self.epoch)
+        steps = sampler.steps(n, plan.global_batch, self.world, self.offset)
+        shares = [sampler.micro_batches(sampler.rank_slice(s, self.world, self.rank), plan.micro_batch) for s in steps]
+        batches = self.train_set.iterate([[order[i] for i in m] for share in shares for m in share], self.epoch,
+                                         cfg.data.workers)
+        t0 = time.perf_counter()
+        self.monitor.epoch_start(plan, n - self.offset)
+        local = torch.zeros(3, dtype=torch.float64)
+        for step, share in zip(steps, shares):
+            self._set_lr(self.schedule.lr_at(self.epoch + step.start / n))
+            micro = ((x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+                     for x, y in itertools.islice(batches, len(share)))
+            t_step = time.perf_counter()
+            loss_sum, correct, count = self.acc.step(micro, step.size, sampler.passes_per_step(step, self.world,
+                                                                                                  plan.micro_batch))
+            step_loss = float(loss_sum) / max(count, 1)
+            if not math.isfinite(step_loss):
+                raise NonFiniteLoss(f"training loss is {step_loss} at epoch {self.epoch}, step {self.global_step}; "
+                                    f"lower the learning rate (optim.lr={cfg.optim.lr}); the last good checkpoint "
+                                    f"in {self.ckpt_dir} is kept")
+            local += torch.tensor([float(loss_sum), float(correct), float(count)], dtype=torch.float64)
+            self.offset, self.global_step = step.start + step.size, self.global_step + 1
+            steps_this_process += 1
+            self.monitor.step(step.size, step_loss, time.perf_counter() - t_step, self.acc.sync_seconds)
+            every = cfg.checkpoint.every_steps
+            if every and self.global_step % every == 0 and self.offset < n:
+                self._fold(local, time.perf_counter() - t0)
+                local.zero_()
+                t0 = time.perf_counter()
+                self._save()
+            if cfg.run.stop_after_steps and steps_this_process >= cfg.run.stop_after_steps:
+                return False, steps_this_process
+        self._fold(local, time.perf_counter() - t0)
+        return True, steps_this_process
+
+    def _fold(self, local, seconds):
+        """Add this rank's running sums into the globally reduced epoch totals."""
+        self.partial += dist.allreduce_sum(local, name="train_sums")
+        self.partial_seconds += seconds
+
+    def _end_epoch(self, plan) -> dict:
+        loss_sum, correct, count = self.partial.tolist()
+        test_loss, test_acc = self.evaluate()
+        seconds = self.partial_seconds
+        record = {
+            "epoch": self.epoch, "stage": plan.stage, "global_batch": plan.global_batch,
+            "per_worker_batch": plan.per_worker_batch, "micro_batch": plan.micro_batch,
+            "accum_steps": plan.accum_steps, "lr": plan.lr,
+            "train_loss": loss_sum / count, "train_acc": correct / count,
+            "test_loss": test_loss, "test_acc": test_acc,
+            "epoch_seconds": seconds, "samples_per_second": count / seconds if seconds > 0 else None,
+            "world_size": self.world, "global_step": self.global_step,
+        }
+        self.epoch, self.offset = self.epoch + 1, 0
+        self.partial.zero_()
+        self.partial_seconds = 0.0
+        if self.main:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        self.history_tail = record
+        self._save()
+        return record
+
+    @torch.no_grad()
+    def evaluate(self):
+        """Test loss and accuracy from allreduced sums over every test sample exactly once."""
+        self.model.eval()
+        mine = list(range(self.rank, len(self.test_set), self.world))
+        chunks = [mine[i : i + self.cfg.data.eval_batch] for i in range(0, len(mine), self.cfg.data.eval_batch)]
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        for x, y in self.test_set.iterate(chunks, 0, self.cfg.data.workers):
+            x, y = x.to(self.device), y.to(self.device)
+            out = self.model(x)
+            sums[0] += torch.nn.functional.cross_entropy(out, y, reduction="sum").double()
+            sums[1] += (out.argmax(1) == y).sum()
+            sums[2] += len(y)
+        loss_sum, correct, count = dist.allreduce_sum(sums.cpu(), name="eval_sums").tolist()
+        return loss_sum / count, correct / count
+
+    def _set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch, "offset": self.offset, "global_step": self.global_step,
+            "stage": self.plans[min(self.epoch, len(self.plans) - 1)].stage,
+            "partial_sums": self.partial.clone(), "partial_seconds": self.partial_seconds,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "model_name": self.cfg.model.name, "num_classes": self.train_set.info.num_classes,
+            "world_size": self.world, "config": to_dict(self.cfg), "versions": library_versions(),
+        }
+
+    def _save(self) -> None:
+        rng = dist.allgather_object(_rng_state())  # every rank's generators, in rank order
+        if self.main:
+            state = self.state_dict()
+            state["rng"] = rng
+            path = checkpoint.save(state, self.ckpt_dir, self.cfg.checkpoint.keep)
+            log.info("checkpoint %s (epoch %d, offset %d)", path, self.epoch, self.offset)
+
+    def _resume(self, target) -> None:
+        state = _agree(lambda: self._load_checkpoint(target) if self.main else None)
+        pos = dist.broadcast_object(None if state is None else {k: state[k] for k in (
+            "epoch", "offset", "global_step", "partial_seconds", "rng", "world_size")})
+        self.epoch, self.offset, self.global_step = pos["epoch"], pos["offset"], pos["global_step"]
+        self.partial_seconds = pos["partial_seconds"]
+        if self.main:
+            self.partial = state["partial_sums"].clone()  # reduced totals live on rank 0 only
+        if pos["world_size"] == self.world and self.rank < len(pos["rng"]):
+            _set_rng_state(pos["rng"][self.rank])
+
+    def _load_checkpoint(self, target) -> dict:
+        """Rank 0: read the checkpoint into the model and optimizer; return its state."""
+        state, path = checkpoint.load(target, self.ckpt_dir)
+        if state["model_name"] != self.cfg.model.name or state["num_classes"] != self.train_set.info.num_classes:
+            raise UserError(f"checkpoint {path} is for model '{state['model_name']}' with "
+                            f"{state['num_classes']} classes, not '{self.cfg.model.name}' with "
+                            f"{self.train_set.info.num_classes}; use a fresh run.run_dir or the matching model")
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise UserError(f"checkpoint {path} does not fit model '{self.cfg.model.name}': "
+                            f"{str(e).splitlines()[0]}") from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        log.info("resuming from %s: epoch %d, sample offset %d, step %d (saved with world size %d)", path,
+                 state["epoch"], state["offset"], state["global_step"], state["world_size"])
+        self.resumed_from = str(path)
+        return state
+
+
+def _agree(fn):
+    """Run a check that only some ranks can do; if it fails anywhere, raise the same UserError on
+    every rank, so that all of them exit with code 2 instead of some waiting forever."""
+    try:
+        result, error = fn(), None
+    except UserError as e:
+        result, error = None, str(e)
+    errors = [e for e in dist.allgather_object(error) if e]
+    if errors:
+        raise UserError(errors[0])
+    return result
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _check_writable(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create run dir {run_dir}: {e.strerror}") from None
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise UserError(f"run dir {run_dir} is not writable; choose another run.run_dir")
