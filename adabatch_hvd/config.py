@@ -34,6 +34,8 @@ class DataConfig:
     augment: bool = _f(True, "train-time augmentation (random crop + flip)")
     workers: int = _f(0, "DataLoader worker processes per rank (ImageNet only; in-memory sets ignore it)")
     eval_batch: int = _f(1000, "per-rank batch size for evaluation")
+    train_samples: Optional[int] = _f(None, "use only the first N training samples (quick runs, tests)")
+    test_samples: Optional[int] = _f(None, "evaluate on only the first N test samples")
     synthetic_samples: int = _f(4096, "number of samples of the synthetic data set")
     synthetic_shape: List[int] = _f([3, 32, 32], "C,H,W of synthetic images")
     synthetic_classes: int = _f(10, "classes of the synthetic data set")
@@ -43,6 +45,9 @@ class DataConfig:
             raise UserError(f"data.eval_batch must be > 0, got {self.eval_batch}")
         if self.workers < 0:
             raise UserError(f"data.workers must be >= 0, got {self.workers}")
+        for name in ("train_samples", "test_samples"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise UserError(f"data.{name} must be > 0, got {getattr(self, name)}")
         if self.synthetic_samples <= 0:
             raise UserError(f"data.synthetic_samples must be > 0, got {self.synthetic_samples}")
 

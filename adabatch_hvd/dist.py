@@ -59,10 +59,18 @@ def allgather_object(obj, name: str = "allgather_object") -> list:
 
 
 def broadcast_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, root: int = 0) -> None:
-    """Make every rank start from rank `root`'s parameters, buffers and optimizer state."""
+    """Make every rank start from rank `root`'s parameters, buffers and optimizer state.
+
+    hvd.broadcast_optimizer_state is not used: on an optimizer without state it first runs a
+    step() with zero gradients, and with weight decay that step shrinks the weights (and seeds
+    SGD's momentum with wd * w), on the non-root ranks even after the parameter broadcast. The
+    state dict is sent as one object instead, which leaves the weights alone.
+    """
     hvd.broadcast_parameters(model.state_dict(), root_rank=root)
     if optimizer is not None:
-        hvd.broadcast_optimizer_state(optimizer, root_rank=root)
+        state = broadcast_object(optimizer.state_dict() if hvd.rank() == root else None, root, "optimizer_state")
+        if hvd.rank() != root:
+            optimizer.load_state_dict(state)
 
 
 def distributed_optimizer(optimizer, model: torch.nn.Module, backward_passes_per_step: int = 1):

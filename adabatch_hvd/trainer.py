@@ -69,8 +69,10 @@ class Trainer:
                   synthetic_shape=tuple(d.synthetic_shape), synthetic_classes=d.synthetic_classes)
         self.train_set = build_dataset(d.name, d.root, True, augment=d.augment, **kw)
         self.test_set = build_dataset(d.name, d.root, False, augment=False, **kw)
-        if len(self.train_set) < self.world:
-            raise UserError(f"the training set has {len(self.train_set)} samples, fewer than {self.world} workers")
+        self.n_train = min(len(self.train_set), d.train_samples or len(self.train_set))
+        self.n_test = min(len(self.test_set), d.test_samples or len(self.test_set))
+        if self.n_train < self.world:
+            raise UserError(f"the training set has {self.n_train} samples, fewer than {self.world} workers")
 
         torch.manual_seed(cfg.run.seed)  # the same init everywhere; rank 0's is broadcast anyway
         self.model = build_model(cfg.model.name, self.train_set.info).to(self.device)
@@ -114,7 +116,7 @@ class Trainer:
         self.monitor.close(self.history_tail)
 
     def _train_epoch(self, plan, steps_this_process):
-        cfg, n = self.cfg, len(self.train_set)
+        cfg, n = self.cfg, self.n_train
         order = sampler.permutation(n, cfg.run.seed, self.epoch)
         steps = sampler.steps(n, plan.global_batch, self.world, self.offset)
         shares = [sampler.micro_batches(sampler.rank_slice(s, self.world, self.rank), plan.micro_batch) for s in steps]
@@ -182,7 +184,7 @@ class Trainer:
     def evaluate(self):
         """Test loss and accuracy from allreduced sums over every test sample exactly once."""
         self.model.eval()
-        mine = list(range(self.rank, len(self.test_set), self.world))
+        mine = list(range(self.rank, self.n_test, self.world))
         chunks = [mine[i : i + self.cfg.data.eval_batch] for i in range(0, len(mine), self.cfg.data.eval_batch)]
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         for x, y in self.test_set.iterate(chunks, 0, self.cfg.data.workers):

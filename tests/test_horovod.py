@@ -25,6 +25,7 @@ def test_dist_ops_on_two_ranks(tmp_path, controller):
         assert res["mean"] == [1.5]
         assert res["object"] == {"from": 0, "payload": [1, 2, 3]}
         assert res["threads"] == 1
+        assert res["fresh_untouched"]
         # after the broadcast every rank holds rank 0's weights and momentum
         assert res["all_weights"][0] == res["all_weights"][1]
         assert res["all_momentum"][0] == res["all_momentum"][1]
