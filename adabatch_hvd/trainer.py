@@ -47,8 +47,9 @@ def library_versions() -> dict:
 
     from . import __version__
 
-    return {"adabatch_hvd": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "horovod": horovod.__version__}
+    # str(): torch.__version__ is a TorchVersion, which weights_only loading refuses to unpickle
+    return {"adabatch_hvd": __version__, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
+            "horovod": str(horovod.__version__)}
 
 
 class Trainer:

