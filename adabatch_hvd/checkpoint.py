@@ -26,12 +26,20 @@ def checkpoint_name(epoch: int, global_step: int) -> str:
     return f"ckpt-e{epoch:04d}-s{global_step:09d}.pt"
 
 
+def position(path) -> Tuple[int, int]:
+    """(epoch, global_step) from a checkpoint's file name."""
+    m = _NAME.match(Path(path).name)
+    if not m:
+        raise ValueError(f"not a checkpoint name: {path}")
+    return int(m.group(1)), int(m.group(2))
+
+
 def list_checkpoints(directory) -> List[Path]:
     """Checkpoints in a directory, newest (highest step) first."""
     d = Path(directory)
     if not d.is_dir():
         return []
-    found = [(int(m.group(2)), p) for p in d.iterdir() if (m := _NAME.match(p.name))]
+    found = [(position(p)[1], p) for p in d.iterdir() if _NAME.match(p.name)]
     return [p for _, p in sorted(found, reverse=True)]
 
 

@@ -120,7 +120,7 @@ class RunConfig:
     device: str = _f("auto", "auto (cuda:local_rank when available), cpu or cuda")
     quiet: bool = _f(False, "no progress bar")
     resume: Optional[str] = _f(None, "checkpoint to resume from: a path, or 'latest' for RUN_DIR's newest")
-    stop_after_steps: int = _f(0, "stop after this many optimizer steps in this process (0 = no limit); for tests")
+    stop_after_steps: int = _f(0, "stop (with a checkpoint) after this many optimizer steps in this process; 0 = no limit")
 
 
 @dataclass

@@ -6,7 +6,6 @@ Ours take their input channels, class count and image size from `DatasetInfo`, s
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 

@@ -23,7 +23,7 @@ EPOCH_SCALARS = {  # TensorBoard tag -> metrics.jsonl field
 class Monitor:
     """Receives the trainer's events; does nothing on ranks other than 0."""
 
-    def __init__(self, cfg: Config, main: bool, run_dir: Path):
+    def __init__(self, cfg: Config, main: bool, run_dir: Path, purge_step: int | None = None):
         self.cfg, self.main, self.run_dir = cfg, main, run_dir
         self.writer = None
         self.bar = None
@@ -32,7 +32,8 @@ class Monitor:
         if main:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tb"))
+            # On resume, events at or after the resumed epoch (written before a crash) are dropped.
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=purge_step)
 
     def start(self, plans, world: int, epoch: int) -> None:
         if not self.main:

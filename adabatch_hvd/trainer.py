@@ -93,7 +93,7 @@ class Trainer:
             self._resume(cfg.run.resume)
         dist.broadcast_state(self.model, self.optimizer, root=0)
         self.acc.passes = self.optimizer.backward_passes_per_step
-        self.monitor = Monitor(cfg, self.main, self.run_dir)
+        self.monitor = Monitor(cfg, self.main, self.run_dir, purge_step=self.epoch if cfg.run.resume else None)
         if self.main:
             (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
             if has_batchnorm(self.model) and any(p.accum_steps > 1 for p in self.plans):
@@ -107,8 +107,8 @@ class Trainer:
         steps_this_process = 0
         while self.epoch < self.schedule.epochs:
             plan = self.plans[self.epoch]
-            if self.offset == 0:
-                self.monitor.stage(plan, self.plans[self.epoch - 1] if self.epoch else None)
+            if self.offset == 0 or steps_this_process == 0:
+                self.monitor.stage(plan, self.plans[self.epoch - 1] if self.epoch and steps_this_process else None)
             finished, steps_this_process = self._train_epoch(plan, steps_this_process)
             if not finished:
                 return  # run.stop_after_steps reached (tests); the checkpoint holds the position
@@ -149,6 +149,8 @@ class Trainer:
                 t0 = time.perf_counter()
                 self._save()
             if cfg.run.stop_after_steps and steps_this_process >= cfg.run.stop_after_steps:
+                self._fold(local, time.perf_counter() - t0)
+                self._save()  # a clean stop keeps its exact position
                 return False, steps_this_process
         self._fold(local, time.perf_counter() - t0)
         return True, steps_this_process
@@ -170,6 +172,7 @@ class Trainer:
             "test_loss": test_loss, "test_acc": test_acc,
             "epoch_seconds": seconds, "samples_per_second": count / seconds if seconds > 0 else None,
             "world_size": self.world, "global_step": self.global_step,
+            "allreduce_wait_share": self.monitor.wait_share(),  # rank 0's share of step time in optimizer.step()
         }
         self.epoch, self.offset = self.epoch + 1, 0
         self.partial.zero_()
@@ -213,6 +216,11 @@ class Trainer:
         }
 
     def _save(self) -> None:
+        # Parameters are identical on every rank after each step, so all ranks agree on this check.
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            raise NonFiniteLoss(f"the weights became NaN/Inf by epoch {self.epoch}, step {self.global_step}; lower "
+                                f"the learning rate (optim.lr={self.cfg.optim.lr}); the last good checkpoint in "
+                                f"{self.ckpt_dir} is kept")
         rng = dist.allgather_object(_rng_state())  # every rank's generators, in rank order
         if self.main:
             state = self.state_dict()
@@ -244,10 +252,24 @@ class Trainer:
             raise UserError(f"checkpoint {path} does not fit model '{self.cfg.model.name}': "
                             f"{str(e).splitlines()[0]}") from None
         self.optimizer.load_state_dict(state["optimizer"])
+        _truncate_metrics(self.run_dir / "metrics.jsonl", state["epoch"])
         log.info("resuming from %s: epoch %d, sample offset %d, step %d (saved with world size %d)", path,
                  state["epoch"], state["offset"], state["global_step"], state["world_size"])
         self.resumed_from = str(path)
         return state
+
+
+def _truncate_metrics(path: Path, epoch: int) -> None:
+    """Drop records of epochs at or after the resume point (a crash can land between an epoch's
+    record and its checkpoint), so the resumed run appends each epoch exactly once."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = [line for line in lines if line.strip() and json.loads(line)["epoch"] < epoch]
+    if keep != lines:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, path)
 
 
 def _agree(fn):
