@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 PY := .venv/bin/python
 NP ?= 2
-RUN_DIR ?= runs/fashion_mnist
+RUN_DIR ?= runs/fashion_mnist-$(shell date +%Y%m%d-%H%M%S)
 
 .PHONY: setup train test bench bench-quick clean
 

@@ -102,5 +102,6 @@ class Monitor:
             metrics = {f"hparam/{k}": final[k] for k in ("test_acc", "test_loss", "train_loss")}
             self.writer.add_hparams(hp, metrics, run_name=".")
         self.writer.close()
-        log.info("metrics: %s | config: %s | TensorBoard: %s | checkpoints: %s", self.run_dir / "metrics.jsonl",
-                 self.run_dir / "config.yaml", self.run_dir / "tb", self.run_dir / "checkpoints")
+        log.info("metrics: %s | log: %s | config: %s | TensorBoard: %s | checkpoints: %s",
+                 self.run_dir / "metrics.jsonl", self.run_dir / "train.log", self.run_dir / "config.yaml",
+                 self.run_dir / "tb", self.run_dir / "checkpoints")

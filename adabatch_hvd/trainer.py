@@ -64,7 +64,11 @@ class Trainer:
         self.plans = self.schedule.plan(self.world, cfg.schedule.max_micro_batch)
         self.run_dir = Path(cfg.run.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        _agree(lambda: _check_writable(self.run_dir) if self.main else None)
+        _agree(lambda: _check_run_dir(self.run_dir, cfg.run.resume) if self.main else None)
+        if self.main:
+            handler = logging.FileHandler(self.run_dir / "train.log")
+            handler.setFormatter(logging.root.handlers[0].formatter if logging.root.handlers else None)
+            logging.getLogger("adabatch_hvd").addHandler(handler)
         d = cfg.data
         kw = dict(seed=cfg.run.seed, synthetic_samples=d.synthetic_samples,
                   synthetic_shape=tuple(d.synthetic_shape), synthetic_classes=d.synthetic_classes)
@@ -298,7 +302,11 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _check_writable(run_dir: Path) -> None:
+def _check_run_dir(run_dir: Path, resume) -> None:
+    """The run dir must be writable, and a fresh run must not mix into an earlier run's files."""
+    if not resume and ((run_dir / "metrics.jsonl").exists() or checkpoint.latest(run_dir / "checkpoints")):
+        raise UserError(f"run dir {run_dir} already holds a run (metrics.jsonl, checkpoints/); pass --resume "
+                        f"to continue it, or choose a new --run-dir")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -71,6 +71,7 @@ CASES = {
     "unreadable config": (["--config", "/"], "cannot read config file /"),
     "run dir not writable": (["--run-dir", "/proc/adabatch"], "cannot create run dir /proc/adabatch"),
     "resume without checkpoint": (["--resume"], "--resume: no checkpoint found in"),
+    "run dir of another run": (["--run-dir", "runs/.test-existing"], "already holds a run"),
     "resume from a missing file": (["--resume", "/nonexistent/ckpt.pt"], "no checkpoint found in /nonexistent/ckpt.pt"),
 }
 FILE_CASES = {
@@ -85,8 +86,12 @@ FILE_CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_flags(case, tmp_path):
     args, message = CASES[case]
+    existing = ROOT / "runs/.test-existing/metrics.jsonl"
+    existing.parent.mkdir(parents=True, exist_ok=True)
+    existing.write_text('{"epoch": 0}\n')
     run = [] if "--run-dir" in args else ["--run-dir", tmp_path / "run"]
     assert_one_line_error(train("--config", "configs/fashion_mnist.yaml", *run, *args), message)
+    assert existing.read_text() == '{"epoch": 0}\n'  # an earlier run's files are never touched
 
 
 @pytest.mark.parametrize("name", sorted(FILE_CASES))
