@@ -15,5 +15,11 @@ train: setup
 test: setup
 	$(PY) -m pytest -q tests
 
+bench: setup
+	$(PY) benchmarks/bench.py
+
+bench-quick: setup
+	$(PY) benchmarks/bench.py --quick --out runs/bench-quick
+
 clean:
 	rm -rf runs .pytest_cache .hypothesis

@@ -1,0 +1,290 @@
+"""`make bench` / `make bench-quick`: measure adabatch-hvd under horovodrun and write RESULTS.md.
+
+  (a) throughput vs global batch (fmnist_cnn on Fashion-MNIST, resnet20 on CIFAR-shaped synthetic)
+  (b) accuracy and wall-clock: AdaBatch vs fixed-small (B0) vs fixed-large (Bmax), several seeds
+  (c) trainer overhead against a minimal hand-written Horovod loop
+  (d) cost of stage changes: the AdaBatch run against the stage-weighted ideal from (a)
+  (e) gradient allreduce calls and bytes per optimizer step in every stage
+  plus a torch.profiler breakdown of where an optimizer step's time goes on this CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+PROFILES = {
+    "full": dict(
+        np=2, tp_batches=[32, 64, 128, 256, 512, 1024, 2048, 4096], tp_cap=256, tp_samples=16384, repeats=3,
+        rn_batches=[32, 128, 512, 4096], rn_cap=128, rn_samples=4096, rn_repeats=2,
+        seeds=[0, 1, 2], acc_epochs=5, acc_samples=None, target=0.88,
+        oh_batch=128, oh_samples=20000, comm_samples=8192, prof_batches=[128, 2048], prof_steps=10),
+    "quick": dict(
+        np=2, tp_batches=[32, 512, 4096], tp_cap=256, tp_samples=8192, repeats=1,
+        rn_batches=[32, 4096], rn_cap=128, rn_samples=4096, rn_repeats=1,
+        seeds=[0], acc_epochs=5, acc_samples=4096, target=0.70,
+        oh_batch=128, oh_samples=4096, comm_samples=2048, prof_batches=[128], prof_steps=3),
+}
+ACC_COMMON = ["--config", "configs/fashion_mnist.yaml", "--interval", "1", "--max-micro-batch", "256",
+              "--reference-batch", "128", "--lr", "0.05", "--warmup-epochs", "0.5", "--quiet", "true"]
+RUNS = {  # name -> extra flags; the same LR rule and decay, only the batch schedule differs
+    "adabatch": ["--mode", "adaptive", "--initial-batch", "128", "--max-batch", "2048"],
+    "fixed-small": ["--mode", "fixed", "--initial-batch", "128"],
+    "fixed-large": ["--mode", "fixed", "--initial-batch", "2048"],
+}
+
+
+def env():
+    e = dict(os.environ, PYTHONPATH=str(ROOT), OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+             OMP_NUM_THREADS="1")
+    return e
+
+
+def hvd(np_, args, log):
+    cmd = [str(BIN / "horovodrun"), "-np", str(np_), "-H", f"localhost:{np_}", "--gloo", sys.executable, *map(str, args)]
+    log.append(" ".join(shlex.quote(c) for c in cmd).replace(str(BIN) + "/", ".venv/bin/").replace(str(ROOT) + "/", ""))
+    print(f"$ {log[-1]}", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"bench: command failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - t0
+
+
+def worker(p, mode, out, *args, log):
+    hvd(p["np"], [ROOT / "benchmarks/worker.py", mode, out, *args], log)
+    return json.loads(Path(out).read_text())
+
+
+def records(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def machine() -> str:
+    model = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                  if l.startswith("model name")), platform.processor())
+    import horovod
+    import torch
+
+    return (f"- CPU: {model}, {os.cpu_count()} cores visible; {round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB RAM; no GPU\n"
+            f"- Python {platform.python_version()}, torch {torch.__version__}, horovod {horovod.__version__} (Gloo), "
+            f"{platform.platform()}\n- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} UTC")
+
+
+def table(head, rows) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def plot_throughput(curves, out):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4), squeeze=False)
+    for ax, (name, c) in zip(axes[0], curves.items()):
+        xs = [pt["global_batch"] for pt in c["points"]]
+        ax.plot(xs, [pt["samples_per_second"] for pt in c["points"]], marker="o")
+        for pt in c["points"]:
+            if pt["accum_steps"] > 1:
+                ax.annotate(f"x{pt['accum_steps']}", (pt["global_batch"], pt["samples_per_second"]), fontsize=8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("global batch (xk = k accumulated micro-batches)")
+        ax.set_ylabel("training samples/s (2 ranks)")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="the reduced version (about 3 minutes)")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks", help="where RESULTS.md and PNGs go")
+    a = ap.parse_args()
+    p = PROFILES["quick" if a.quick else "full"]
+    out = a.out.resolve()
+    work = out / "runs"
+    work.mkdir(parents=True, exist_ok=True)
+    log: list = []
+    t_start = time.perf_counter()
+
+    # (a) throughput curves
+    fm = worker(p, "throughput", work / "tp_fmnist.json", "--batches", ",".join(map(str, p["tp_batches"])),
+                "--cap", p["tp_cap"], "--samples", p["tp_samples"], "--repeats", p["repeats"], log=log)
+    rn = worker(p, "throughput", work / "tp_resnet20.json", "--model", "resnet20", "--data", "synthetic",
+                "--batches", ",".join(map(str, p["rn_batches"])), "--cap", p["rn_cap"], "--samples", p["rn_samples"],
+                "--repeats", p["rn_repeats"], log=log)
+    curves = {"fmnist_cnn on Fashion-MNIST": fm, "resnet20 on CIFAR-shaped synthetic": rn}
+    plot_throughput(curves, out / "throughput.png")
+
+    # (b) accuracy and wall clock
+    acc = {name: [] for name in RUNS}
+    for seed in p["seeds"]:
+        for name, flags in RUNS.items():
+            run_dir = work / f"{name}-seed{seed}"
+            if run_dir.exists():
+                import shutil
+
+                shutil.rmtree(run_dir)
+            extra = ["--train-samples", p["acc_samples"]] if p["acc_samples"] else []
+            hvd(p["np"], ["-m", "adabatch_hvd", *ACC_COMMON, *flags, "--epochs", p["acc_epochs"], "--seed", seed,
+                          "--run-dir", run_dir, *extra], log)
+            acc[name].append(records(run_dir))
+    from adabatch_hvd.report import plot
+
+    plot([work / f"{name}-seed{p['seeds'][0]}" for name in RUNS], out / "accuracy.png")
+
+    # (c) overhead against a minimal Horovod loop, same batch, model, data and augmentation
+    common = ["--batches", p["oh_batch"], "--samples", p["oh_samples"], "--repeats", p["repeats"]]
+    mine = worker(p, "throughput", work / "oh_trainer.json", *common, log=log)
+    minimal = worker(p, "minimal", work / "oh_minimal.json", *common, log=log)
+    mine2 = worker(p, "throughput", work / "oh_trainer2.json", *common, log=log)
+    minimal2 = worker(p, "minimal", work / "oh_minimal2.json", *common, log=log)
+
+    # (e) communication per step, (f) profile
+    comm = worker(p, "comm", work / "comm.json", "--batches", 128, "--cap", 64, "--samples", p["comm_samples"],
+                  "--epochs", 5, "--interval", 1, log=log)
+    prof = worker(p, "profile", work / "profile.json", "--batches", ",".join(map(str, p["prof_batches"])),
+                  "--cap", p["tp_cap"], "--steps", p["prof_steps"], log=log)
+
+    write_results(a, p, out, curves, acc, (mine, minimal, mine2, minimal2), comm, prof, log,
+                  time.perf_counter() - t_start)
+    print(out / "RESULTS.md")
+
+
+def mean_sd(xs):
+    return (statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def write_results(a, p, out, curves, acc, overhead, comm, prof, log, seconds):
+    s = [f"# adabatch-hvd benchmark results{' (quick)' if a.quick else ''}", "",
+         "Measured on this machine, 2 Horovod ranks (`horovodrun -np 2 -H localhost:2 --gloo`), 1 torch thread per "
+         "rank, CPU only:", "", machine(), "",
+         f"Command: `{'make bench-quick' if a.quick else 'make bench'}` (`python benchmarks/bench.py"
+         f"{' --quick' if a.quick else ''}`), {seconds / 60:.1f} minutes in all.", ""]
+
+    s += ["## (a) Throughput against global batch", "",
+          "Trainer samples/s in fixed-batch mode; the first epoch of each point is warm-up and excluded, the figure "
+          "is the median of the remaining epochs. Above the per-worker cap the batch is accumulated (x k).", ""]
+    for name, c in curves.items():
+        s += [f"**{name}** (per-worker micro-batch cap {c['cap']}, {c['samples']} samples per epoch)", "",
+              table(["global batch", "micro x accum (per worker)", "samples/s", "epochs timed (samples/s)"],
+                    [(pt["global_batch"], f"{pt['micro_batch']} x {pt['accum_steps']}",
+                      f"{pt['samples_per_second']:.0f}", ", ".join(f"{r:.0f}" for r in pt["repeats"]))
+                     for pt in c["points"]]), ""]
+    s += ["![throughput](throughput.png)", ""]
+
+    # (b)
+    target = p["target"]
+    rows, wall = [], {}
+    for name, runs in acc.items():
+        finals = [r[-1]["test_acc"] * 100 for r in runs]
+        times = [sum(e["epoch_seconds"] for e in r) for r in runs]
+        to_target = []
+        for r in runs:
+            t, hit = 0.0, None
+            for e in r:
+                t += e["epoch_seconds"]
+                if e["test_acc"] >= target and hit is None:
+                    hit = t
+            to_target.append(hit)
+        m, sd = mean_sd(finals)
+        tm, tsd = mean_sd(times)
+        wall[name] = tm
+        reached = [x for x in to_target if x is not None]
+        rows.append((name, " -> ".join(str(e["global_batch"]) for e in runs[0]), f"{m:.2f} ± {sd:.2f}",
+                     ", ".join(f"{f:.2f}" for f in finals), f"{tm:.1f} ± {tsd:.1f}",
+                     f"{statistics.mean(reached):.1f} ({len(reached)}/{len(runs)} runs)" if reached else "not reached"))
+    n = acc["adabatch"][0]
+    s += ["## (b) Accuracy and wall-clock: AdaBatch against fixed batches", "",
+          f"Fashion-MNIST{'' if not p['acc_samples'] else f' (first {p['acc_samples']} training samples)'}, "
+          f"fmnist_cnn, {len(n)} epochs = {len(n)} stages of 1 epoch (the paper's protocol scaled down: B0 = 128 "
+          f"doubling to 2048), seeds {p['seeds']}. All runs use the same LR rule: lr 0.05 per 128 samples with "
+          "linear scaling, x0.375 step decay at every stage boundary, a 0.5-epoch warmup and a per-worker "
+          "micro-batch cap of 256; only the batch schedule differs. Wall-clock is training time (evaluation "
+          "excluded), summed over epochs.", "",
+          table(["run", "global batch by epoch", "final test acc % (mean ± sd)", "per seed", "train seconds",
+                 f"seconds to {target:.0%} test acc"], rows), "",
+          f"AdaBatch speedup over fixed-small at the same epoch count: **{wall['fixed-small'] / wall['adabatch']:.2f}x**; "
+          f"accuracy difference AdaBatch - fixed-small: "
+          f"**{mean_sd([r[-1]['test_acc'] * 100 for r in acc['adabatch']])[0] - mean_sd([r[-1]['test_acc'] * 100 for r in acc['fixed-small']])[0]:+.2f} points**.",
+          "", "![accuracy](accuracy.png)", ""]
+
+    # (c)
+    t1, m1, t2, m2 = overhead
+    ratios = [t1["points"][0]["samples_per_second"] / m1["samples_per_second"],
+              t2["points"][0]["samples_per_second"] / m2["samples_per_second"]]
+    s += ["## (c) Overhead against a minimal Horovod loop", "",
+          f"Global batch {p['oh_batch']} (no accumulation), fmnist_cnn, Fashion-MNIST ({p['oh_samples']} samples "
+          "per epoch), the same data pipeline and augmentation. The minimal loop is Horovod's PyTorch example "
+          "pattern: slice, forward, backward, `DistributedOptimizer.step()`. Measured twice, interleaved.", "",
+          table(["pair", "trainer samples/s", "minimal loop samples/s", "trainer / minimal"],
+                [(i + 1, f"{t['points'][0]['samples_per_second']:.0f}", f"{m['samples_per_second']:.0f}", f"{r:.3f}")
+                 for i, (t, m, r) in enumerate([(t1, m1, ratios[0]), (t2, m2, ratios[1])])]), "",
+          f"Mean throughput ratio: **{statistics.mean(ratios):.3f}** (overhead {100 * (1 - statistics.mean(ratios)):+.1f}%).", ""]
+
+    # (d)
+    fm = curves["fmnist_cnn on Fashion-MNIST"]["points"]
+    rate = {pt["global_batch"]: pt["samples_per_second"] for pt in fm}
+    d_rows, ratios_d = [], []
+    for runs in acc["adabatch"]:
+        actual = sum(e["epoch_seconds"] for e in runs)
+        samples = [e["epoch_seconds"] * e["samples_per_second"] for e in runs]
+        if all(e["global_batch"] in rate for e in runs):
+            ideal = sum(n_ / rate[e["global_batch"]] for n_, e in zip(samples, runs))
+            ratios_d.append(actual / ideal)
+            d_rows.append((len(d_rows), f"{actual:.1f}", f"{ideal:.1f}", f"{actual / ideal:.3f}"))
+    s += ["## (d) Cost of stage changes", "",
+          "The AdaBatch run's training time against the ideal: for every epoch, its samples divided by the "
+          "fixed-batch throughput at that epoch's batch from (a).", ""]
+    if d_rows:
+        s += [table(["seed run", "AdaBatch train seconds", "stage-weighted ideal", "ratio"], d_rows), "",
+              f"Mean ratio: **{statistics.mean(ratios_d):.3f}**.", ""]
+    else:
+        s += ["(a) did not measure every batch of (b) in this profile.", ""]
+
+    # (e)
+    s += ["## (e) Communication per optimizer step", "",
+          f"Counted at Horovod's `allreduce_async_` inside `DistributedOptimizer` during an AdaBatch run "
+          f"(fmnist_cnn, {comm['parameters']} parameter tensors, {comm['parameter_bytes']} bytes of gradients; "
+          f"micro-batch cap 64 per worker, so k grows with the batch).", "",
+          table(["stage", "global batch", "accum steps k", "backward passes/step", "optimizer steps",
+                 "allreduce calls/step", "bytes/step", "bytes/sample"],
+                [(st["stage"], st["global_batch"], st["accum_steps"], st["backward_passes"], st["optimizer_steps"],
+                  st["allreduce_calls_per_step"], st["bytes_per_step"], f"{st['bytes_per_sample']:.0f}")
+                 for st in comm["stages"]]), "",
+          "One allreduce per parameter tensor per optimizer step at every k; the bytes per sample halve with "
+          "each doubling of the batch. (Besides these, each epoch allreduces 3 numbers of training metrics and "
+          "3 of evaluation metrics.)", ""]
+
+    # profile
+    s += ["## Where the time goes (torch.profiler, rank 0)", "",
+          f"{prof['steps']} optimizer steps of fmnist_cnn at each batch; self CPU time by operator group.", ""]
+    groups = list(next(iter(prof["profiles"].values()))["shares"])
+    s += [table(["group"] + [f"B={b}" for b in prof["profiles"]],
+                [(g, *(f"{100 * v['shares'][g]:.1f}%" for v in prof["profiles"].values())) for g in groups]), ""]
+    for b, v in prof["profiles"].items():
+        s += [f"Top operators at B={b}: " + ", ".join(f"`{k}` {100 * x:.1f}%" for k, x in v["top"]), ""]
+
+    s += ["## Commands run", "", "```", *log, "```", ""]
+    (out / "RESULTS.md").write_text("\n".join(s))
+
+
+if __name__ == "__main__":
+    main()
