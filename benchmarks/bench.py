@@ -30,11 +30,11 @@ PROFILES = {
         np=2, tp_batches=[32, 64, 128, 256, 512, 1024, 2048, 4096], tp_cap=256, tp_samples=16384, repeats=3,
         rn_batches=[32, 128, 512, 4096], rn_cap=128, rn_samples=4096, rn_repeats=2,
         seeds=[0, 1, 2], acc_epochs=5, acc_samples=None, target=0.88,
-        oh_batch=128, oh_samples=20000, comm_samples=8192, prof_batches=[128, 2048], prof_steps=10),
+        oh_batch=128, oh_samples=20000, oh_pairs=2, comm_samples=8192, prof_batches=[128, 2048], prof_steps=10),
     "quick": dict(
-        np=2, tp_batches=[32, 512, 4096], tp_cap=256, tp_samples=8192, repeats=1,
-        rn_batches=[32, 4096], rn_cap=128, rn_samples=4096, rn_repeats=1,
-        seeds=[0], acc_epochs=5, acc_samples=4096, target=0.70,
+        np=2, tp_batches=[32, 512, 4096], tp_cap=256, tp_samples=4096, repeats=1,
+        rn_batches=[32, 1024], rn_cap=128, rn_samples=1024, rn_repeats=1,
+        seeds=[0], acc_epochs=5, acc_samples=2048, target=0.70, oh_pairs=1,
         oh_batch=128, oh_samples=4096, comm_samples=2048, prof_batches=[128], prof_steps=3),
 }
 ACC_COMMON = ["--config", "configs/fashion_mnist.yaml", "--interval", "1", "--max-micro-batch", "256",
@@ -152,10 +152,8 @@ def main():
 
     # (c) overhead against a minimal Horovod loop, same batch, model, data and augmentation
     common = ["--batches", p["oh_batch"], "--samples", p["oh_samples"], "--repeats", p["repeats"]]
-    mine = worker(p, "throughput", work / "oh_trainer.json", *common, log=log)
-    minimal = worker(p, "minimal", work / "oh_minimal.json", *common, log=log)
-    mine2 = worker(p, "throughput", work / "oh_trainer2.json", *common, log=log)
-    minimal2 = worker(p, "minimal", work / "oh_minimal2.json", *common, log=log)
+    pairs = [(worker(p, "throughput", work / f"oh_trainer{i}.json", *common, log=log),
+              worker(p, "minimal", work / f"oh_minimal{i}.json", *common, log=log)) for i in range(p["oh_pairs"])]
 
     # (e) communication per step, (f) profile
     comm = worker(p, "comm", work / "comm.json", "--batches", 128, "--cap", 64, "--samples", p["comm_samples"],
@@ -163,7 +161,7 @@ def main():
     prof = worker(p, "profile", work / "profile.json", "--batches", ",".join(map(str, p["prof_batches"])),
                   "--cap", p["tp_cap"], "--steps", p["prof_steps"], log=log)
 
-    write_results(a, p, out, curves, acc, (mine, minimal, mine2, minimal2), comm, prof, log,
+    write_results(a, p, out, curves, acc, pairs, comm, prof, log,
                   time.perf_counter() - t_start)
     print(out / "RESULTS.md")
 
@@ -212,8 +210,9 @@ def write_results(a, p, out, curves, acc, overhead, comm, prof, log, seconds):
                      ", ".join(f"{f:.2f}" for f in finals), f"{tm:.1f} ± {tsd:.1f}",
                      f"{statistics.mean(reached):.1f} ({len(reached)}/{len(runs)} runs)" if reached else "not reached"))
     n = acc["adabatch"][0]
+    subset = f" (first {p['acc_samples']} training samples)" if p["acc_samples"] else ""
     s += ["## (b) Accuracy and wall-clock: AdaBatch against fixed batches", "",
-          f"Fashion-MNIST{'' if not p['acc_samples'] else f' (first {p['acc_samples']} training samples)'}, "
+          f"Fashion-MNIST{subset}, "
           f"fmnist_cnn, {len(n)} epochs = {len(n)} stages of 1 epoch (the paper's protocol scaled down: B0 = 128 "
           f"doubling to 2048), seeds {p['seeds']}. All runs use the same LR rule: lr 0.05 per 128 samples with "
           "linear scaling, x0.375 step decay at every stage boundary, a 0.5-epoch warmup and a per-worker "
@@ -227,16 +226,14 @@ def write_results(a, p, out, curves, acc, overhead, comm, prof, log, seconds):
           "", "![accuracy](accuracy.png)", ""]
 
     # (c)
-    t1, m1, t2, m2 = overhead
-    ratios = [t1["points"][0]["samples_per_second"] / m1["samples_per_second"],
-              t2["points"][0]["samples_per_second"] / m2["samples_per_second"]]
+    ratios = [t["points"][0]["samples_per_second"] / m["samples_per_second"] for t, m in overhead]
     s += ["## (c) Overhead against a minimal Horovod loop", "",
           f"Global batch {p['oh_batch']} (no accumulation), fmnist_cnn, Fashion-MNIST ({p['oh_samples']} samples "
           "per epoch), the same data pipeline and augmentation. The minimal loop is Horovod's PyTorch example "
-          "pattern: slice, forward, backward, `DistributedOptimizer.step()`. Measured twice, interleaved.", "",
+          "pattern: slice, forward, backward, `DistributedOptimizer.step()`. Pairs are run interleaved.", "",
           table(["pair", "trainer samples/s", "minimal loop samples/s", "trainer / minimal"],
                 [(i + 1, f"{t['points'][0]['samples_per_second']:.0f}", f"{m['samples_per_second']:.0f}", f"{r:.3f}")
-                 for i, (t, m, r) in enumerate([(t1, m1, ratios[0]), (t2, m2, ratios[1])])]), "",
+                 for i, ((t, m), r) in enumerate(zip(overhead, ratios))]), "",
           f"Mean throughput ratio: **{statistics.mean(ratios):.3f}** (overhead {100 * (1 - statistics.mean(ratios)):+.1f}%).", ""]
 
     # (d)
@@ -275,13 +272,19 @@ def write_results(a, p, out, curves, acc, overhead, comm, prof, log, seconds):
 
     # profile
     s += ["## Where the time goes (torch.profiler, rank 0)", "",
-          f"{prof['steps']} optimizer steps of fmnist_cnn at each batch; self CPU time by operator group.", ""]
+          f"{prof['steps']} optimizer steps of fmnist_cnn at each batch; self CPU time by operator group. "
+          "`Optimizer.step` includes Horovod's `synchronize()`, i.e. the wait for the gradient allreduce.", ""]
     groups = list(next(iter(prof["profiles"].values()))["shares"])
     s += [table(["group"] + [f"B={b}" for b in prof["profiles"]],
                 [(g, *(f"{100 * v['shares'][g]:.1f}%" for v in prof["profiles"].values())) for g in groups]), ""]
     for b, v in prof["profiles"].items():
         s += [f"Top operators at B={b}: " + ", ".join(f"`{k}` {100 * x:.1f}%" for k, x in v["top"]), ""]
 
+    shares = [(e["epoch"], e["global_batch"], e["accum_steps"], f"{e['samples_per_second']:.0f}",
+               f"{100 * e['allreduce_wait_share']:.1f}%") for e in acc["adabatch"][0]]
+    s += ["Per epoch of the first AdaBatch run in (b): share of step time spent in `optimizer.step()` "
+          "(waiting for the allreduce, plus the SGD update):", "",
+          table(["epoch", "global batch", "accum", "samples/s", "step() share"], shares), ""]
     s += ["## Commands run", "", "```", *log, "```", ""]
     (out / "RESULTS.md").write_text("\n".join(s))
 

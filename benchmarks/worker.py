@@ -160,7 +160,7 @@ def profile(a) -> dict:
         groups = {"convolution": ("conv",), "linear/matmul": ("addmm", "mm", "linear"),
                   "pooling/activation": ("max_pool", "relu", "threshold"),
                   "loss": ("cross_entropy", "log_softmax", "nll"),
-                  "optimizer (SGD)": ("sgd", "_foreach", "add_", "mul_", "lerp"),
+                  "optimizer.step (SGD + allreduce wait)": ("sgd", "_foreach", "add_", "mul_", "lerp"),
                   "horovod allreduce wait": ("horovod", "allreduce", "synchronize"),
                   "data (index/augment/normalize)": ("index_select", "gather", "where", "flip", "sub", "div",
                                                      "to", "copy_", "_to_copy", "randint", "cat", "stack")}
