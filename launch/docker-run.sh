@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Run the adabatch-hvd image (Dockerfile) on one node or on several. See usage() or launch/README.md.
 set -euo pipefail
+# shellcheck source=launch/lib.sh
+. "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib.sh"
 
 usage() {
   cat <<'EOF'
@@ -170,12 +172,7 @@ case $mode in
     ;;
   launch)
     [ -n "$hosts" ] || die "launch needs -H host1:4,host2:4"
-    total=0
-    IFS=, read -r -a entries <<<"$hosts"
-    for e in "${entries[@]}"; do
-      [[ $e =~ ^[^:,[:space:]]+:([1-9][0-9]*)$ ]] || die "bad host entry '$e' (want host:slots)"
-      total=$(( total + BASH_REMATCH[1] ))
-    done
+    total=$(slots_total "$hosts")
     np=${np:-$total}
     [[ $np =~ ^[1-9][0-9]*$ ]] || die "-n must be a positive integer, got '$np'"
     check_ssh_dir

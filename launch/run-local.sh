@@ -32,6 +32,8 @@ EOF
 }
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=launch/lib.sh
+. "$ROOT/launch/lib.sh"
 np=${NP:-2}
 controller=gloo
 threads=""
@@ -96,8 +98,4 @@ fi
 cmd+=("$train" "${train_args[@]}")
 
 echo "run-local: $device, $np processes, OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset}" >&2
-if [ "$dry_run" = 1 ]; then
-  printf '%q ' "${cmd[@]}"; echo
-  exit 0
-fi
-exec "${cmd[@]}"
+run_or_print "$dry_run" "${cmd[@]}"

@@ -40,6 +40,8 @@ EOF
 }
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=launch/lib.sh
+. "$ROOT/launch/lib.sh"
 hostfile=""
 hosts=""
 np=""
@@ -92,12 +94,7 @@ if [ -n "$hostfile" ]; then
 fi
 [ -n "$hosts" ] || { usage >&2; die "no hosts: give -hostfile FILE or -H host1:4,host2:4"; }
 
-total=0
-IFS=, read -r -a entries <<<"$hosts"
-for e in "${entries[@]}"; do
-  [[ $e =~ ^[^:,[:space:]]+:([1-9][0-9]*)$ ]] || die "bad host entry '$e' (want host:slots)"
-  total=$(( total + BASH_REMATCH[1] ))
-done
+total=$(slots_total "$hosts")
 np=${np:-$total}
 [[ $np =~ ^[1-9][0-9]*$ ]] || die "-np must be a positive integer, got '$np'"
 [ "$np" -le "$total" ] || die "-np $np exceeds the $total slots in '$hosts'"
@@ -131,8 +128,4 @@ fi
 cmd+=("$train" "${train_args[@]}")
 
 echo "run-multinode: $np processes on $hosts (${controller}${iface:+, interface $iface})" >&2
-if [ "$dry_run" = 1 ]; then
-  printf '%q ' "${cmd[@]}"; echo
-  exit 0
-fi
-exec "${cmd[@]}"
+run_or_print "$dry_run" "${cmd[@]}"
