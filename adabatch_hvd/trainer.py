@@ -65,10 +65,11 @@ class Trainer:
         self.run_dir = Path(cfg.run.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         _agree(lambda: _check_run_dir(self.run_dir, cfg.run.resume) if self.main else None)
+        self.log_file = None
         if self.main:
-            handler = logging.FileHandler(self.run_dir / "train.log")
-            handler.setFormatter(logging.root.handlers[0].formatter if logging.root.handlers else None)
-            logging.getLogger("adabatch_hvd").addHandler(handler)
+            self.log_file = logging.FileHandler(self.run_dir / "train.log")
+            self.log_file.setFormatter(logging.root.handlers[0].formatter if logging.root.handlers else None)
+            logging.getLogger("adabatch_hvd").addHandler(self.log_file)
         d = cfg.data
         kw = dict(seed=cfg.run.seed, synthetic_samples=d.synthetic_samples,
                   synthetic_shape=tuple(d.synthetic_shape), synthetic_classes=d.synthetic_classes)
@@ -92,7 +93,7 @@ class Trainer:
         self.partial = torch.zeros(3, dtype=torch.float64)  # this epoch's (loss_sum, correct, count), reduced
         self.partial_seconds = 0.0
         self.resumed_from = None
-        self.history_tail = None
+        self.last_record = None
         if cfg.run.resume:
             self._resume(cfg.run.resume)
         dist.broadcast_state(self.model, self.optimizer, root=0)
@@ -115,10 +116,13 @@ class Trainer:
                 self.monitor.stage(plan, self.plans[self.epoch - 1] if self.epoch and steps_this_process else None)
             finished, steps_this_process = self._train_epoch(plan, steps_this_process)
             if not finished:
-                return  # run.stop_after_steps reached (tests); the checkpoint holds the position
+                break  # run.stop_after_steps reached; the checkpoint holds the position
             record = self._end_epoch(plan)
             self.monitor.epoch(record)
-        self.monitor.close(self.history_tail)
+        self.monitor.close(self.last_record if self.epoch == self.schedule.epochs else None)
+        if self.log_file is not None:
+            logging.getLogger("adabatch_hvd").removeHandler(self.log_file)
+            self.log_file.close()
 
     def _train_epoch(self, plan, steps_this_process):
         cfg, n = self.cfg, self.n_train
@@ -139,8 +143,10 @@ class Trainer:
                                                                                                   plan.micro_batch))
             step_loss = float(loss_sum) / max(count, 1)
             if not math.isfinite(step_loss):
-                raise NonFiniteLoss(f"training loss is {step_loss} at epoch {self.epoch}, step {self.global_step}; "
-                                    f"lower the learning rate (optim.lr={cfg.optim.lr}); the last good checkpoint "
+                lr = self.optimizer.param_groups[0]["lr"]
+                raise NonFiniteLoss(f"training loss is {step_loss} at epoch {self.epoch}, step {self.global_step} "
+                                    f"(lr {lr:.4g}, global batch {plan.global_batch}); lower the learning rate "
+                                    f"(optim.lr={cfg.optim.lr}) or lengthen the warmup; the last good checkpoint "
                                     f"in {self.ckpt_dir} is kept")
             local += torch.tensor([float(loss_sum), float(correct), float(count)], dtype=torch.float64)
             self.offset, self.global_step = step.start + step.size, self.global_step + 1
@@ -184,7 +190,7 @@ class Trainer:
         if self.main:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-        self.history_tail = record
+        self.last_record = record
         self._save()
         return record
 

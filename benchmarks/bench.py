@@ -43,6 +43,8 @@ RUNS = {  # name -> extra flags; the same LR rule and decay, only the batch sche
     "adabatch": ["--mode", "adaptive", "--initial-batch", "128", "--max-batch", "2048"],
     "fixed-small": ["--mode", "fixed", "--initial-batch", "128"],
     "fixed-large": ["--mode", "fixed", "--initial-batch", "2048"],
+    # lr 0.05 x 2048/128 = 0.8 diverges for this CNN; this baseline keeps lr 0.05 at B = 2048
+    "fixed-large-unscaled": ["--mode", "fixed", "--initial-batch", "2048", "--scaling", "none"],
 }
 
 
@@ -52,19 +54,23 @@ def env():
     return e
 
 
-def hvd(np_, args, log):
+def hvd(np_, args, log, check=True):
     cmd = [str(BIN / "horovodrun"), "-np", str(np_), "-H", f"localhost:{np_}", "--gloo", sys.executable, *map(str, args)]
     log.append(" ".join(shlex.quote(c) for c in cmd).replace(str(BIN) + "/", ".venv/bin/").replace(str(ROOT) + "/", ""))
     print(f"$ {log[-1]}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True)
-    if proc.returncode:
+    if proc.returncode and check:
         sys.exit(f"bench: command failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return time.perf_counter() - t0
+    errors = [l.split("error: ", 1)[1] for l in proc.stderr.splitlines() if "adabatch-train: error:" in l]
+    return errors[0] if proc.returncode and errors else None
 
 
-def worker(p, mode, out, *args, log):
-    hvd(p["np"], [ROOT / "benchmarks/worker.py", mode, out, *args], log)
+def worker(p, mode, out, *args, log, reuse=False):
+    if not (reuse and Path(out).exists()):
+        hvd(p["np"], [ROOT / "benchmarks/worker.py", mode, out, *args], log)
+    else:
+        log.append(f"(reused {Path(out).name} from an earlier invocation)")
     return json.loads(Path(out).read_text())
 
 
@@ -116,6 +122,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the reduced version (about 3 minutes)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks", help="where RESULTS.md and PNGs go")
+    ap.add_argument("--reuse-throughput", action="store_true",
+                    help="reuse (a)'s results from an earlier invocation in the same --out (they take ~10 minutes)")
     a = ap.parse_args()
     p = PROFILES["quick" if a.quick else "full"]
     out = a.out.resolve()
@@ -126,10 +134,11 @@ def main():
 
     # (a) throughput curves
     fm = worker(p, "throughput", work / "tp_fmnist.json", "--batches", ",".join(map(str, p["tp_batches"])),
-                "--cap", p["tp_cap"], "--samples", p["tp_samples"], "--repeats", p["repeats"], log=log)
+                "--cap", p["tp_cap"], "--samples", p["tp_samples"], "--repeats", p["repeats"], log=log,
+                reuse=a.reuse_throughput)
     rn = worker(p, "throughput", work / "tp_resnet20.json", "--model", "resnet20", "--data", "synthetic",
                 "--batches", ",".join(map(str, p["rn_batches"])), "--cap", p["rn_cap"], "--samples", p["rn_samples"],
-                "--repeats", p["rn_repeats"], log=log)
+                "--repeats", p["rn_repeats"], log=log, reuse=a.reuse_throughput)
     curves = {"fmnist_cnn on Fashion-MNIST": fm, "resnet20 on CIFAR-shaped synthetic": rn}
     plot_throughput(curves, out / "throughput.png")
 
@@ -143,12 +152,13 @@ def main():
 
                 shutil.rmtree(run_dir)
             extra = ["--train-samples", p["acc_samples"]] if p["acc_samples"] else []
-            hvd(p["np"], ["-m", "adabatch_hvd", *ACC_COMMON, *flags, "--epochs", p["acc_epochs"], "--seed", seed,
-                          "--run-dir", run_dir, *extra], log)
-            acc[name].append(records(run_dir))
+            error = hvd(p["np"], ["-m", "adabatch_hvd", *ACC_COMMON, *flags, "--epochs", p["acc_epochs"], "--seed",
+                                  seed, "--run-dir", run_dir, *extra], log, check=False)
+            acc[name].append({"records": records(run_dir) if (run_dir / "metrics.jsonl").exists() else [],
+                              "error": error})
     from adabatch_hvd.report import plot
 
-    plot([work / f"{name}-seed{p['seeds'][0]}" for name in RUNS], out / "accuracy.png")
+    plot([work / f"{name}-seed{p['seeds'][0]}" for name in RUNS if acc[name][0]["records"]], out / "accuracy.png")
 
     # (c) overhead against a minimal Horovod loop, same batch, model, data and augmentation
     common = ["--batches", p["oh_batch"], "--samples", p["oh_samples"], "--repeats", p["repeats"]]
@@ -190,40 +200,42 @@ def write_results(a, p, out, curves, acc, overhead, comm, prof, log, seconds):
 
     # (b)
     target = p["target"]
-    rows, wall = [], {}
+    rows, wall, final = [], {}, {}
     for name, runs in acc.items():
-        finals = [r[-1]["test_acc"] * 100 for r in runs]
-        times = [sum(e["epoch_seconds"] for e in r) for r in runs]
-        to_target = []
-        for r in runs:
-            t, hit = 0.0, None
-            for e in r:
-                t += e["epoch_seconds"]
-                if e["test_acc"] >= target and hit is None:
-                    hit = t
-            to_target.append(hit)
-        m, sd = mean_sd(finals)
-        tm, tsd = mean_sd(times)
-        wall[name] = tm
+        done = [r["records"] for r in runs if not r["error"]]
+        failed = [r["error"] for r in runs if r["error"]]
+        if not done:
+            rows.append((name, "-", "diverged", "-", "-", "-"))
+            continue
+        finals = [r[-1]["test_acc"] * 100 for r in done]
+        times = [sum(e["epoch_seconds"] for e in r) for r in done]
+        to_target = [next((sum(e["epoch_seconds"] for e in r[:i + 1]) for i, e in enumerate(r)
+                           if e["test_acc"] >= target), None) for r in done]
+        (m, sd), (tm, tsd) = mean_sd(finals), mean_sd(times)
+        wall[name], final[name] = tm, m
         reached = [x for x in to_target if x is not None]
-        rows.append((name, " -> ".join(str(e["global_batch"]) for e in runs[0]), f"{m:.2f} ± {sd:.2f}",
-                     ", ".join(f"{f:.2f}" for f in finals), f"{tm:.1f} ± {tsd:.1f}",
-                     f"{statistics.mean(reached):.1f} ({len(reached)}/{len(runs)} runs)" if reached else "not reached"))
-    n = acc["adabatch"][0]
+        rows.append((name, " -> ".join(str(e["global_batch"]) for e in done[0]), f"{m:.2f} ± {sd:.2f}",
+                     ", ".join(f"{f:.2f}" for f in finals) + (f"; {len(failed)} diverged" if failed else ""),
+                     f"{tm:.1f} ± {tsd:.1f}",
+                     f"{statistics.mean(reached):.1f} ({len(reached)}/{len(done)} runs)" if reached else "not reached"))
+    diverged = sorted({f"{name}: {r['error'].split(';')[0]}" for name, runs in acc.items() for r in runs
+                       if r["error"]})
+    n = acc["adabatch"][0]["records"]
     subset = f" (first {p['acc_samples']} training samples)" if p["acc_samples"] else ""
     s += ["## (b) Accuracy and wall-clock: AdaBatch against fixed batches", "",
           f"Fashion-MNIST{subset}, "
           f"fmnist_cnn, {len(n)} epochs = {len(n)} stages of 1 epoch (the paper's protocol scaled down: B0 = 128 "
           f"doubling to 2048), seeds {p['seeds']}. All runs use the same LR rule: lr 0.05 per 128 samples with "
           "linear scaling, x0.375 step decay at every stage boundary, a 0.5-epoch warmup and a per-worker "
-          "micro-batch cap of 256; only the batch schedule differs. Wall-clock is training time (evaluation "
-          "excluded), summed over epochs.", "",
+          "micro-batch cap of 256; only the batch schedule differs (`fixed-large-unscaled` keeps lr 0.05 at "
+          "B = 2048, `--scaling none`). Wall-clock is training time (evaluation excluded), summed over epochs.", "",
           table(["run", "global batch by epoch", "final test acc % (mean ± sd)", "per seed", "train seconds",
-                 f"seconds to {target:.0%} test acc"], rows), "",
-          f"AdaBatch speedup over fixed-small at the same epoch count: **{wall['fixed-small'] / wall['adabatch']:.2f}x**; "
-          f"accuracy difference AdaBatch - fixed-small: "
-          f"**{mean_sd([r[-1]['test_acc'] * 100 for r in acc['adabatch']])[0] - mean_sd([r[-1]['test_acc'] * 100 for r in acc['fixed-small']])[0]:+.2f} points**.",
-          "", "![accuracy](accuracy.png)", ""]
+                 f"seconds to {target:.0%} test acc"], rows), ""]
+    if diverged:
+        s += ["Runs stopped by the NaN guard (exit code 3): " + "; ".join(f"`{d}`" for d in diverged), ""]
+    s += [f"AdaBatch speedup over fixed-small at the same epoch count: "
+          f"**{wall['fixed-small'] / wall['adabatch']:.2f}x**; accuracy difference AdaBatch - fixed-small: "
+          f"**{final['adabatch'] - final['fixed-small']:+.2f} points**.", "", "![accuracy](accuracy.png)", ""]
 
     # (c)
     ratios = [t["points"][0]["samples_per_second"] / m["samples_per_second"] for t, m in overhead]
@@ -240,7 +252,7 @@ def write_results(a, p, out, curves, acc, overhead, comm, prof, log, seconds):
     fm = curves["fmnist_cnn on Fashion-MNIST"]["points"]
     rate = {pt["global_batch"]: pt["samples_per_second"] for pt in fm}
     d_rows, ratios_d = [], []
-    for runs in acc["adabatch"]:
+    for runs in (r["records"] for r in acc["adabatch"]):
         actual = sum(e["epoch_seconds"] for e in runs)
         samples = [e["epoch_seconds"] * e["samples_per_second"] for e in runs]
         if all(e["global_batch"] in rate for e in runs):
@@ -281,7 +293,7 @@ def write_results(a, p, out, curves, acc, overhead, comm, prof, log, seconds):
         s += [f"Top operators at B={b}: " + ", ".join(f"`{k}` {100 * x:.1f}%" for k, x in v["top"]), ""]
 
     shares = [(e["epoch"], e["global_batch"], e["accum_steps"], f"{e['samples_per_second']:.0f}",
-               f"{100 * e['allreduce_wait_share']:.1f}%") for e in acc["adabatch"][0]]
+               f"{100 * e['allreduce_wait_share']:.1f}%") for e in acc["adabatch"][0]["records"]]
     s += ["Per epoch of the first AdaBatch run in (b): share of step time spent in `optimizer.step()` "
           "(waiting for the allreduce, plus the SGD update):", "",
           table(["epoch", "global batch", "accum", "samples/s", "step() share"], shares), ""]
