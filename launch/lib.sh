@@ -1,3 +1,4 @@
+#!/usr/bin/env bash
 # Shared helpers of the launch scripts (sourced, not run). Callers define die().
 
 # slots_total "host1:4,host2:4" -> 8; dies on an entry that is not host:slots.

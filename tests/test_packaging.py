@@ -280,7 +280,8 @@ def test_run_local_really_launches_ranks(tmp_path, controller):
     horovodrun = Path(sys.executable).parent / "horovodrun"
     assert horovodrun.exists(), "horovodrun is not installed next to this interpreter (run launch/setup.sh)"
     (tmp_path / "launch").mkdir()
-    shutil.copy2(LAUNCH / "run-local.sh", tmp_path / "launch" / "run-local.sh")
+    for name in ("run-local.sh", "lib.sh"):
+        shutil.copy2(LAUNCH / name, tmp_path / "launch" / name)
     bindir = tmp_path / ".venv" / "bin"
     bindir.mkdir(parents=True)
     (bindir / "horovodrun").symlink_to(horovodrun)
