@@ -25,18 +25,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
-PROFILES = {
-    "full": dict(
-        np=2, tp_batches=[32, 64, 128, 256, 512, 1024, 2048, 4096], tp_cap=256, tp_samples=16384, repeats=3,
-        rn_batches=[32, 128, 512, 4096], rn_cap=128, rn_samples=4096, rn_repeats=2,
-        seeds=[0, 1, 2], acc_epochs=5, acc_samples=None, target=0.88,
-        oh_batch=128, oh_samples=20000, oh_pairs=2, comm_samples=8192, prof_batches=[128, 2048], prof_steps=10),
-    "quick": dict(
-        np=2, tp_batches=[32, 512, 4096], tp_cap=256, tp_samples=4096, repeats=1,
-        rn_batches=[32, 1024], rn_cap=128, rn_samples=1024, rn_repeats=1,
-        seeds=[0], acc_epochs=5, acc_samples=2048, target=0.70, oh_pairs=1,
-        oh_batch=128, oh_samples=4096, comm_samples=2048, prof_batches=[128], prof_steps=3),
-}
 ACC_COMMON = ["--config", "configs/fashion_mnist.yaml", "--interval", "1", "--max-micro-batch", "256",
               "--reference-batch", "128", "--lr", "0.05", "--warmup-epochs", "0.5", "--quiet", "true"]
 RUNS = {  # name -> extra flags; the same LR rule and decay, only the batch schedule differs
@@ -45,6 +33,20 @@ RUNS = {  # name -> extra flags; the same LR rule and decay, only the batch sche
     "fixed-large": ["--mode", "fixed", "--initial-batch", "2048"],
     # lr 0.05 x 2048/128 = 0.8 diverges for this CNN; this baseline keeps lr 0.05 at B = 2048
     "fixed-large-unscaled": ["--mode", "fixed", "--initial-batch", "2048", "--scaling", "none"],
+}
+
+PROFILES = {
+    "full": dict(
+        np=2, tp_batches=[32, 64, 128, 256, 512, 1024, 2048, 4096], tp_cap=256, tp_samples=16384, repeats=3,
+        rn_batches=[32, 128, 512, 4096], rn_cap=128, rn_samples=4096, rn_repeats=2,
+        seeds=[0, 1, 2], acc_epochs=5, acc_samples=None, target=0.88, runs=list(RUNS),
+        oh_batch=128, oh_samples=20000, oh_pairs=2, comm_samples=8192, prof_batches=[128, 2048], prof_steps=10),
+    "quick": dict(
+        np=2, tp_batches=[32, 512, 4096], tp_cap=256, tp_samples=4096, repeats=1,
+        rn_batches=[32, 512], rn_cap=128, rn_samples=512, rn_repeats=1,
+        seeds=[0], acc_epochs=5, acc_samples=2048, target=0.70, oh_pairs=1,
+        runs=["adabatch", "fixed-small", "fixed-large"],
+        oh_batch=128, oh_samples=4096, comm_samples=2048, prof_batches=[128], prof_steps=3),
 }
 
 
@@ -143,9 +145,10 @@ def main():
     plot_throughput(curves, out / "throughput.png")
 
     # (b) accuracy and wall clock
-    acc = {name: [] for name in RUNS}
+    acc = {name: [] for name in p["runs"]}
     for seed in p["seeds"]:
-        for name, flags in RUNS.items():
+        for name in p["runs"]:
+            flags = RUNS[name]
             run_dir = work / f"{name}-seed{seed}"
             if run_dir.exists():
                 import shutil
@@ -158,7 +161,7 @@ def main():
                               "error": error})
     from adabatch_hvd.report import plot
 
-    plot([work / f"{name}-seed{p['seeds'][0]}" for name in RUNS if acc[name][0]["records"]], out / "accuracy.png")
+    plot([work / f"{name}-seed{p['seeds'][0]}" for name in p["runs"] if acc[name][0]["records"]], out / "accuracy.png")
 
     # (c) overhead against a minimal Horovod loop, same batch, model, data and augmentation
     common = ["--batches", p["oh_batch"], "--samples", p["oh_samples"], "--repeats", p["repeats"]]
