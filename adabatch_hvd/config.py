@@ -265,6 +265,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _metavar(tp) -> str:
+    if typing.get_origin(tp) in (list, List):
+        return "A,B,..."
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     base = args[0] if args else tp
     return {int: "N", float: "X", bool: "BOOL", str: "STR"}.get(base, "LIST")
