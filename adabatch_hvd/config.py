@@ -277,12 +277,10 @@ def from_args(config_path: Optional[str], overrides: dict) -> Config:
     raw = load_yaml(config_path) if config_path else {}
     if not isinstance(raw, dict):
         raise UserError(f"{config_path}: the config must be a mapping of sections, got {type(raw).__name__}")
-    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    raw = dict(raw)
     for dotted, value in overrides.items():
         section, key = dotted.split(".", 1)
-        if not isinstance(raw.get(section, {}) or {}, dict):
-            break  # _build reports the malformed section
-        raw.setdefault(section, {})
-        raw[section] = raw[section] or {}
-        raw[section][key] = value
+        values = raw.get(section) or {}
+        if isinstance(values, dict):  # a malformed section is left for _build to report
+            raw[section] = {**values, key: value}
     return _build(raw)

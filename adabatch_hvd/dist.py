@@ -7,10 +7,6 @@ import os
 import horovod.torch as hvd
 import torch
 
-Sum = hvd.Sum
-Average = hvd.Average
-
-
 def init(threads: int = 0) -> None:
     """Start Horovod and size torch's CPU threads so that local ranks don't oversubscribe cores.
 

@@ -92,12 +92,10 @@ class Trainer:
         self.epoch, self.offset, self.global_step = 0, 0, 0
         self.partial = torch.zeros(3, dtype=torch.float64)  # this epoch's (loss_sum, correct, count), reduced
         self.partial_seconds = 0.0
-        self.resumed_from = None
         self.last_record = None
         if cfg.run.resume:
             self._resume(cfg.run.resume)
         dist.broadcast_state(self.model, self.optimizer, root=0)
-        self.acc.passes = self.optimizer.backward_passes_per_step
         self.monitor = Monitor(cfg, self.main, self.run_dir, purge_step=self.epoch if cfg.run.resume else None)
         if self.main:
             (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
@@ -265,7 +263,6 @@ class Trainer:
         _truncate_metrics(self.run_dir / "metrics.jsonl", state["epoch"])
         log.info("resuming from %s: epoch %d, sample offset %d, step %d (saved with world size %d)", path,
                  state["epoch"], state["offset"], state["global_step"], state["world_size"])
-        self.resumed_from = str(path)
         return state
 
 
