@@ -4,16 +4,19 @@
 #
 # The same script runs on a workstation, in CI and inside the Dockerfile. Everything slow is
 # cached outside the repository under $ADABATCH_CACHE (default ~/.cache/adabatch-hvd):
-#   wheels/<key>/horovod-*.whl   keyed by Horovod version, torch version, patch hash, GPU ops
-#   venvs/<key>/                 the environment; .venv in the repo is a link to it
-# A repeated run finds the finished environment (stamp file) and only re-installs the package
-# in editable mode, which takes seconds.
+#   wheels/<key>/horovod-*.whl   keyed by Horovod version, torch version, patch hash, and the
+#                                flavour: _cpu, or _gpu-NCCL-cuda<ver>-nccl<ver>
+#   venvs/<key>/                 the shared environment (packages only, ~5.8 GB)
+# Each checkout gets its own thin .venv over the shared environment, with this checkout
+# installed editable (section 5). A repeated run finds the finished environment (stamp file)
+# and only re-installs the package in editable mode, which takes seconds.
 #
 # Environment knobs:
 #   ADABATCH_CACHE            cache root (default ~/.cache/adabatch-hvd)
 #   ADABATCH_VENV             where the environment goes; "system" installs into the current
 #                             Python instead of a venv (used by the Dockerfile)
-#   HOROVOD_GPU_OPERATIONS    e.g. NCCL for GPU images (default: CPU-only tensor ops)
+#   HOROVOD_GPU_OPERATIONS    NCCL for GPU images (needs a CUDA toolkit at $CUDA_HOME, default
+#                             /usr/local/cuda). Unset: the CPU flavour, which never looks for CUDA.
 #   ADABATCH_SKIP_APT=1       do not touch system packages (they must already be present)
 set -euo pipefail
 
@@ -30,7 +33,9 @@ PATCH="$ROOT/launch/patches/horovod-${HOROVOD_VERSION}-torch2.patch"
 PYTHON=${PYTHON:-python3}
 CACHE=${ADABATCH_CACHE:-$HOME/.cache/adabatch-hvd}
 GPU_OPS=${HOROVOD_GPU_OPERATIONS:-}
-APT_PACKAGES=(libopenmpi-dev openmpi-bin cmake g++ make patch dataset-fashion-mnist)
+# openssh-server, slurm-wlm, munge, iproute2, iptables: the multi-node test cluster (tests/cluster.py).
+APT_PACKAGES=(libopenmpi-dev openmpi-bin cmake g++ make patch dataset-fashion-mnist
+              openssh-server openssh-client slurm-wlm munge iproute2 iptables)
 # Pinned Python stack besides torch/torchvision/horovod (those are pinned above).
 PIP_PACKAGES=(
   "tensorboard==2.21.0" "mpi4py==4.1.2" "pyyaml==6.0.3" "tqdm==4.70.1" "matplotlib==3.11.2"
@@ -73,10 +78,12 @@ PYVER=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 PATCH_HASH=$(hash_of <"$PATCH")
 "$PYTHON" -c 'import os, sysconfig; assert os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h"))' \
   2>/dev/null || die "Python.h not found for $PYTHON (Debian/Ubuntu: apt-get install python3-dev)"
-GPU_TAG=""
+GPU_TAG="_cpu"
 if [ -n "$GPU_OPS" ]; then
   # NCCL is linked statically: a new CUDA toolkit or NCCL must not reuse an old cached wheel.
   cuda_home=${CUDA_HOME:-/usr/local/cuda}
+  [ -x "$cuda_home/bin/nvcc" ] \
+    || die "HOROVOD_GPU_OPERATIONS=$GPU_OPS needs a CUDA toolkit, but $cuda_home/bin/nvcc does not exist (set CUDA_HOME, or unset HOROVOD_GPU_OPERATIONS for a CPU-only set-up)"
   nvcc_ver=$("$cuda_home/bin/nvcc" --version 2>/dev/null | sed -n 's/.*release \([0-9.]*\).*/\1/p')
   nccl_ver=$(sed -n 's/^#define NCCL_VERSION_CODE \([0-9]*\).*/\1/p' /usr/include/nccl.h "$cuda_home/include/nccl.h" 2>/dev/null | head -n1)
   GPU_TAG="_gpu-${GPU_OPS}-cuda${nvcc_ver:-unknown}-nccl${nccl_ver:-unknown}"
@@ -105,41 +112,9 @@ if [ ! -f "$STAMP" ]; then
   "${PIP[@]}" "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION" "${PIP_PACKAGES[@]}" "${TEST_PACKAGES[@]}" \
     || die "pip could not install torch==$TORCH_VERSION and the stack (no network to the package registry?)"
 
-  # ---- 4. Horovod wheel (cached) -----------------------------------------------------------
-  wheel=$(ls "$WHEEL_DIR"/horovod-*.whl 2>/dev/null | head -n1 || true)
-  if [ -z "$wheel" ]; then
-    build=$(mktemp -d)
-    trap 'rm -rf "$build"' EXIT
-    log "downloading horovod==$HOROVOD_VERSION sdist"
-    pip_quiet "$PY" -m pip download -q --no-deps --no-binary :all: "horovod==$HOROVOD_VERSION" -d "$build" \
-      || die "could not download the horovod==$HOROVOD_VERSION sdist from PyPI"
-    tar xzf "$build/horovod-$HOROVOD_VERSION.tar.gz" -C "$build"
-    src="$build/horovod-$HOROVOD_VERSION"
-    (cd "$src" && patch -p0 -s <"$PATCH") || die "patch $PATCH does not apply to horovod $HOROVOD_VERSION"
-    cuda_home=${CUDA_HOME:-/usr/local/cuda}
-    # cmake 4 refuses Gloo's old cmake_minimum_required; Debian's 3.25 is used, and the policy
-    # minimum keeps a newer cmake working too.
-    log "building the Horovod wheel (about 3-5 minutes on 2 cores; log: $build/build.log)"
-    start=$(date +%s)
-    if ! (cd "$src" && env \
-        HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 \
-        HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 \
-        ${GPU_OPS:+HOROVOD_GPU_OPERATIONS=$GPU_OPS} \
-        CUDA_HOME="$cuda_home" HOROVOD_CUDA_HOME="$cuda_home" \
-        CMAKE_POLICY_VERSION_MINIMUM=3.5 MAKEFLAGS="-j$(nproc)" \
-        "$PY" -m pip wheel -v --no-deps --no-build-isolation . -w "$build/dist" >"$build/build.log" 2>&1); then
-      tail -n 30 "$build/build.log" >&2
-      cp "$build/build.log" "$CACHE/horovod-build-failed.log"
-      die "building horovod $HOROVOD_VERSION failed; full log in $CACHE/horovod-build-failed.log"
-    fi
-    mkdir -p "$WHEEL_DIR"
-    cp "$build"/dist/horovod-*.whl "$WHEEL_DIR/"
-    echo "$(( $(date +%s) - start ))" >"$WHEEL_DIR/build-seconds"
-    wheel=$(ls "$WHEEL_DIR"/horovod-*.whl | head -n1)
-    log "built $(basename "$wheel") in $(cat "$WHEEL_DIR/build-seconds") s, cached in $WHEEL_DIR"
-  else
-    log "using cached wheel $wheel"
-  fi
+  # ---- 4. Horovod wheel (cached; CPU or GPU flavour, see launch/build-horovod.sh) ----------
+  wheel=$(HOROVOD_GPU_OPERATIONS="$GPU_OPS" "$ROOT/launch/build-horovod.sh" "$PY" "$WHEEL_DIR") \
+    || die "no Horovod wheel (see the lines above)"
   "${PIP[@]}" --no-deps "$wheel" || die "installing $wheel failed"
   "${PIP[@]}" "$wheel" || die "installing the dependencies of $wheel failed"
   touch "$STAMP"
@@ -147,19 +122,57 @@ else
   log "reusing environment ${VENV:-system} (cached)"
 fi
 
-if [ "${ADABATCH_VENV:-}" != system ]; then
-  # .venv is a link to the cached environment; never replace a real directory a user made.
-  if [ -e .venv ] && [ ! -L .venv ]; then
-    die ".venv exists and is not a link made by this script; move it away and re-run"
+# ---- 5. this checkout's own code (seconds) ---------------------------------------------------
+# The shared environment holds the packages only. Each checkout gets .venv, a thin venv of its
+# own (no packages, ~1 MB) whose site-packages adds the shared one through a .pth file, with the
+# shared console scripts (horovodrun, pytest, tensorboard, ...) re-pointed at .venv/bin/python and
+# this checkout installed editable into it. So two clones never run each other's code. An
+# explicit ADABATCH_VENV (the Docker image) or "system" gets the package installed directly.
+if [ -n "${ADABATCH_VENV:-}" ]; then
+  if [ "$ADABATCH_VENV" != system ]; then
+    if [ -e .venv ] && [ ! -L .venv ]; then die ".venv exists and is not a link; move it away and re-run"; fi
+    ln -sfn "$VENV" .venv
   fi
-  ln -sfn "$VENV" .venv
+  OWN_PY="$PY"
+else
+  if [ -L .venv ]; then rm .venv; fi  # the old layout linked .venv to the shared environment
+  if [ -e .venv ] && [ ! -f .venv/.adabatch-thin ]; then
+    die ".venv exists and was not made by this script; move it away and re-run"
+  fi
+  if [ "$(cat .venv/.adabatch-thin 2>/dev/null)" != "$VENV" ]; then
+    rm -rf .venv
+    "$PYTHON" -m venv --without-pip .venv || die "python3 -m venv failed (Debian: apt-get install python3-venv)"
+    shared_site=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    own_site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    printf 'import site; site.addsitedir(%s)\n' "'$shared_site'" >"$own_site/_adabatch_shared.pth"
+    for f in "$VENV"/bin/*; do
+      name=$(basename "$f")
+      case $name in python*|activate*|Activate*|pip*) continue ;; esac
+      [ -e ".venv/bin/$name" ] && continue
+      if head -n1 "$f" 2>/dev/null | grep -qa "^#!$VENV/bin/python"; then
+        { echo "#!$ROOT/.venv/bin/python"; tail -n +2 "$f"; } >".venv/bin/$name"
+        chmod +x ".venv/bin/$name"
+      else
+        ln -s "$f" ".venv/bin/$name"  # binaries (hadolint) and scripts with no interpreter line
+      fi
+    done
+    echo "$VENV" >.venv/.adabatch-thin
+  fi
+  # The shared environment holds no checkout's code (an older set-up installed one there).
+  shared_site=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  if compgen -G "$shared_site/__editable__*adabatch*" >/dev/null; then
+    pip_quiet "$PY" -m pip uninstall -q -y adabatch-hvd || true
+  fi
+  OWN_PY="$ROOT/.venv/bin/python"
 fi
-
-# ---- 5. this package (editable, seconds) --------------------------------------------------
-pip_quiet "$PY" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e "$ROOT" \
+pip_quiet "$OWN_PY" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e "$ROOT" \
   || die "pip install -e $ROOT failed"
-"$PY" - <<'EOF' || die "horovod.torch does not import or lacks Gloo/MPI"
+"$OWN_PY" - "$ROOT" <<'EOF' || die "horovod.torch does not import, lacks Gloo/MPI, or adabatch_hvd is not this checkout's"
+import os, sys
 import horovod.torch as hvd
+import adabatch_hvd
 assert hvd.gloo_built() and hvd.mpi_built(), (hvd.gloo_built(), hvd.mpi_built())
+here = os.path.realpath(os.path.join(sys.argv[1], "adabatch_hvd"))
+assert os.path.realpath(os.path.dirname(adabatch_hvd.__file__)) == here, (adabatch_hvd.__file__, here)
 EOF
-log "ready: $("$PY" -c 'import torch, horovod; print("torch", torch.__version__, "horovod", horovod.__version__)')"
+log "ready: $("$OWN_PY" -c 'import torch, horovod; print("torch", torch.__version__, "horovod", horovod.__version__)')"
