@@ -150,7 +150,12 @@ else
       case $name in python*|activate*|Activate*|pip*) continue ;; esac
       [ -e ".venv/bin/$name" ] && continue
       if head -n1 "$f" 2>/dev/null | grep -qa "^#!$VENV/bin/python"; then
-        { echo "#!$ROOT/.venv/bin/python"; tail -n +2 "$f"; } >".venv/bin/$name"
+        # pip's own form for an interpreter path that may hold spaces: sh re-runs the file with
+        # .venv's python, to which the first three lines are one string literal.
+        { echo '#!/bin/sh'
+          echo "'''exec' \"$ROOT/.venv/bin/python\" \"\$0\" \"\$@\""
+          echo "' '''"
+          tail -n +2 "$f"; } >".venv/bin/$name"
         chmod +x ".venv/bin/$name"
       else
         ln -s "$f" ".venv/bin/$name"  # binaries (hadolint) and scripts with no interpreter line
