@@ -93,7 +93,8 @@ class Monitor:
                 self.writer.add_scalar(tag, record[key], record["epoch"])
         self.writer.flush()
 
-    def close(self, final: dict | None) -> None:
+    def finish(self, final: dict | None) -> None:
+        """The end of the run: hyperparameters with the final metrics, and where everything went."""
         if not self.main:
             return
         if final is not None:
@@ -101,7 +102,14 @@ class Monitor:
                   for section, values in to_dict(self.cfg).items() for k, v in values.items()}
             metrics = {f"hparam/{k}": final[k] for k in ("test_acc", "test_loss", "train_loss")}
             self.writer.add_hparams(hp, metrics, run_name=".")
-        self.writer.close()
         log.info("metrics: %s | log: %s | config: %s | TensorBoard: %s | checkpoints: %s",
                  self.run_dir / "metrics.jsonl", self.run_dir / "train.log", self.run_dir / "config.yaml",
                  self.run_dir / "tb", self.run_dir / "checkpoints")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None

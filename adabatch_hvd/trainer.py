@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -52,24 +53,44 @@ def library_versions() -> dict:
             "horovod": str(horovod.__version__)}
 
 
+@dataclass
+class TrainState:
+    """Where the run stands, besides the weights and optimizer: what a resume or a reset restores.
+
+    Rank 0's copy is the truth: `Trainer.sync` broadcasts it, because rank 0 may be another process
+    after a restart on another world size.
+    """
+
+    epoch: int = 0
+    offset: int = 0  # samples of this epoch's permutation already trained on
+    global_step: int = 0
+    partial: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.float64))
+    """this epoch's (loss_sum, correct, count) up to `offset`, reduced over all ranks"""
+    partial_seconds: float = 0.0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset, "global_step": self.global_step,
+                "partial_sums": self.partial.clone(), "partial_seconds": self.partial_seconds}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.offset, self.global_step = state["epoch"], state["offset"], state["global_step"]
+        self.partial = state["partial_sums"].clone()
+        self.partial_seconds = state["partial_seconds"]
+
+
 class Trainer:
-    """Owns the model, optimizer, data and position of one run on this rank."""
+    """Owns the model, optimizer, data and position of one run on this rank.
+
+    The constructor only builds; `sync()` does the collectives (run-dir agreement, resume, rank 0's
+    state everywhere) and `_bind_world()` binds whatever depends on the world size and rank.
+    """
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.rank, self.world = dist.rank(), dist.size()
-        self.main = self.rank == 0
         self.device = pick_device(cfg.run.device)
         self.schedule = build_schedule(cfg)
-        self.plans = self.schedule.plan(self.world, cfg.schedule.max_micro_batch)
         self.run_dir = Path(cfg.run.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        _agree(lambda: _check_run_dir(self.run_dir, cfg.run.resume) if self.main else None)
-        self.log_file = None
-        if self.main:
-            self.log_file = logging.FileHandler(self.run_dir / "train.log")
-            self.log_file.setFormatter(logging.root.handlers[0].formatter if logging.root.handlers else None)
-            logging.getLogger("adabatch_hvd").addHandler(self.log_file)
         d = cfg.data
         kw = dict(seed=cfg.run.seed, synthetic_samples=d.synthetic_samples,
                   synthetic_shape=tuple(d.synthetic_shape), synthetic_classes=d.synthetic_classes)
@@ -77,63 +98,105 @@ class Trainer:
         self.test_set = build_dataset(d.name, d.root, False, augment=False, **kw)
         self.n_train = min(len(self.train_set), d.train_samples or len(self.train_set))
         self.n_test = min(len(self.test_set), d.test_samples or len(self.test_set))
-        if self.n_train < self.world:
-            raise UserError(f"the training set has {self.n_train} samples, fewer than {self.world} workers")
 
         torch.manual_seed(cfg.run.seed)  # the same init everywhere; rank 0's is broadcast anyway
         self.model = build_model(cfg.model.name, self.train_set.info).to(self.device)
-        torch.manual_seed(cfg.run.seed * 1000 + 1 + self.rank)  # per-rank stream for dropout etc.
+        torch.manual_seed(cfg.run.seed * 1000 + 1 + dist.rank())  # per-rank stream for dropout etc.
         o = cfg.optim
-        base = torch.optim.SGD(self.model.parameters(), lr=self.plans[0].lr, momentum=o.momentum,
+        # lr and backward passes are set before every step, from the plan of the world at that time
+        base = torch.optim.SGD(self.model.parameters(), lr=self.schedule.lr_at(0), momentum=o.momentum,
                                weight_decay=o.weight_decay, nesterov=o.nesterov)
-        self.optimizer = dist.distributed_optimizer(base, self.model, self.plans[0].accum_steps)
-        self.acc = Accumulator(self.model, self.optimizer, self.world)
-
-        self.epoch, self.offset, self.global_step = 0, 0, 0
-        self.partial = torch.zeros(3, dtype=torch.float64)  # this epoch's (loss_sum, correct, count), reduced
-        self.partial_seconds = 0.0
+        self.optimizer = dist.distributed_optimizer(base, self.model)
+        self.acc = Accumulator(self.model, self.optimizer, dist.size())
+        self.state = TrainState()
         self.last_record = None
-        if cfg.run.resume:
-            self._resume(cfg.run.resume)
-        dist.broadcast_state(self.model, self.optimizer, root=0)
-        self.monitor = Monitor(cfg, self.main, self.run_dir, purge_step=self.epoch if cfg.run.resume else None)
+        self.monitor, self.log_file = None, None
+        self.started = False  # set by the first sync(): the run dir is agreed on and the position known
+        self._bind_world()
+
+    def _bind_world(self) -> None:
+        """Bind everything that depends on the world size and this process's rank: the plans, the
+        accumulator's loss scale and rank 0's duties (log file, metrics, TensorBoard, checkpoints)."""
+        self.rank, self.world = dist.rank(), dist.size()
+        self.main = self.rank == 0
+        self.plans = self.schedule.plan(self.world, self.cfg.schedule.max_micro_batch)
+        if self.n_train < self.world:
+            raise UserError(f"the training set has {self.n_train} samples, fewer than {self.world} workers")
+        self.acc.world_size = self.world
+        self._close_files()
+        if self.started:
+            self._open_files()
+
+    def _open_files(self, monitor: bool = True) -> None:
         if self.main:
-            (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
-            if has_batchnorm(self.model) and any(p.accum_steps > 1 for p in self.plans):
-                log.warning("%s has BatchNorm: with gradient accumulation it normalizes each micro-batch, "
-                            "not the global batch, so accumulated updates are not exactly the large-batch ones",
-                            cfg.model.name)
+            self.log_file = logging.FileHandler(self.run_dir / "train.log")
+            self.log_file.setFormatter(logging.root.handlers[0].formatter if logging.root.handlers else None)
+            logging.getLogger("adabatch_hvd").addHandler(self.log_file)
+        if monitor:
+            # On resume, TensorBoard events at or after the resumed epoch (written before a crash) are dropped.
+            purge = self.state.epoch if self.cfg.run.resume else None
+            self.monitor = Monitor(self.cfg, self.main, self.run_dir, purge_step=purge)
+
+    def _close_files(self) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
+            self.monitor = None
+        if self.log_file is not None:
+            logging.getLogger("adabatch_hvd").removeHandler(self.log_file)
+            self.log_file.close()
+            self.log_file = None
+
+    def sync(self) -> None:
+        """The collectives of a start: agree on the run dir, load the resume point on rank 0, then
+        give every rank rank 0's weights, optimizer state and train state (partial sums included)."""
+        cfg = self.cfg
+        if not self.started:
+            _agree(lambda: _check_run_dir(self.run_dir, cfg.run.resume) if self.main else None)
+            self._open_files(monitor=False)  # the resume is logged to train.log too
+            if cfg.run.resume:
+                self._resume(cfg.run.resume)
+        dist.broadcast_state(self.model, self.optimizer, root=0)
+        self.state.load_state_dict(dist.broadcast_object(self.state.state_dict(), name="train_state"))
+        if not self.started:
+            self.started = True
+            self._bind_world()
+            if self.main:
+                (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
+                if has_batchnorm(self.model) and any(p.accum_steps > 1 for p in self.plans):
+                    log.warning("%s has BatchNorm: with gradient accumulation it normalizes each micro-batch, "
+                                "not the global batch, so accumulated updates are not exactly the large-batch "
+                                "ones", cfg.model.name)
 
     # ---- the loop --------------------------------------------------------------------------
     def fit(self) -> None:
-        self.monitor.start(self.plans, self.world, self.epoch)
+        self.sync()
+        st = self.state
+        self.monitor.start(self.plans, self.world, st.epoch)
         steps_this_process = 0
-        while self.epoch < self.schedule.epochs:
-            plan = self.plans[self.epoch]
-            if self.offset == 0 or steps_this_process == 0:
-                self.monitor.stage(plan, self.plans[self.epoch - 1] if self.epoch and steps_this_process else None)
+        while st.epoch < self.schedule.epochs:
+            plan = self.plans[st.epoch]
+            if st.offset == 0 or steps_this_process == 0:
+                self.monitor.stage(plan, self.plans[st.epoch - 1] if st.epoch and steps_this_process else None)
             finished, steps_this_process = self._train_epoch(plan, steps_this_process)
             if not finished:
                 break  # run.stop_after_steps reached; the checkpoint holds the position
             record = self._end_epoch(plan)
             self.monitor.epoch(record)
-        self.monitor.close(self.last_record if self.epoch == self.schedule.epochs else None)
-        if self.log_file is not None:
-            logging.getLogger("adabatch_hvd").removeHandler(self.log_file)
-            self.log_file.close()
+        self.monitor.finish(self.last_record if st.epoch == self.schedule.epochs else None)
+        self._close_files()
 
     def _train_epoch(self, plan, steps_this_process):
-        cfg, n = self.cfg, self.n_train
-        order = sampler.permutation(n, cfg.run.seed, self.epoch)
-        steps = sampler.steps(n, plan.global_batch, self.world, self.offset)
+        cfg, n, st = self.cfg, self.n_train, self.state
+        order = sampler.permutation(n, cfg.run.seed, st.epoch)
+        steps = sampler.steps(n, plan.global_batch, self.world, st.offset)
         shares = [sampler.micro_batches(sampler.rank_slice(s, self.world, self.rank), plan.micro_batch) for s in steps]
-        batches = self.train_set.iterate([[order[i] for i in m] for share in shares for m in share], self.epoch,
+        batches = self.train_set.iterate([[order[i] for i in m] for share in shares for m in share], st.epoch,
                                          cfg.data.workers)
         t0 = time.perf_counter()
-        self.monitor.epoch_start(plan, n - self.offset)
+        self.monitor.epoch_start(plan, n - st.offset)
         local = torch.zeros(3, dtype=torch.float64)
         for step, share in zip(steps, shares):
-            self._set_lr(self.schedule.lr_at(self.epoch + step.start / n))
+            self._set_lr(self.schedule.lr_at(st.epoch + step.start / n))
             micro = ((x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
                      for x, y in itertools.islice(batches, len(share)))
             t_step = time.perf_counter()
@@ -142,16 +205,16 @@ class Trainer:
             step_loss = float(loss_sum) / max(count, 1)
             if not math.isfinite(step_loss):
                 lr = self.optimizer.param_groups[0]["lr"]
-                raise NonFiniteLoss(f"training loss is {step_loss} at epoch {self.epoch}, step {self.global_step} "
+                raise NonFiniteLoss(f"training loss is {step_loss} at epoch {st.epoch}, step {st.global_step} "
                                     f"(lr {lr:.4g}, global batch {plan.global_batch}); lower the learning rate "
                                     f"(optim.lr={cfg.optim.lr}) or lengthen the warmup; the last good checkpoint "
                                     f"in {self.ckpt_dir} is kept")
             local += torch.tensor([float(loss_sum), float(correct), float(count)], dtype=torch.float64)
-            self.offset, self.global_step = step.start + step.size, self.global_step + 1
+            st.offset, st.global_step = step.start + step.size, st.global_step + 1
             steps_this_process += 1
             self.monitor.step(step.size, step_loss, time.perf_counter() - t_step, self.acc.sync_seconds)
             every = cfg.checkpoint.every_steps
-            if every and self.global_step % every == 0 and self.offset < n:
+            if every and st.global_step % every == 0 and st.offset < n:
                 self._fold(local, time.perf_counter() - t0)
                 local.zero_()
                 t0 = time.perf_counter()
@@ -165,26 +228,27 @@ class Trainer:
 
     def _fold(self, local, seconds):
         """Add this rank's running sums into the globally reduced epoch totals."""
-        self.partial += dist.allreduce_sum(local, name="train_sums")
-        self.partial_seconds += seconds
+        self.state.partial += dist.allreduce_sum(local, name="train_sums")
+        self.state.partial_seconds += seconds
 
     def _end_epoch(self, plan) -> dict:
-        loss_sum, correct, count = self.partial.tolist()
+        st = self.state
+        loss_sum, correct, count = st.partial.tolist()
         test_loss, test_acc = self.evaluate()
-        seconds = self.partial_seconds
+        seconds = st.partial_seconds
         record = {
-            "epoch": self.epoch, "stage": plan.stage, "global_batch": plan.global_batch,
+            "epoch": st.epoch, "stage": plan.stage, "global_batch": plan.global_batch,
             "per_worker_batch": plan.per_worker_batch, "micro_batch": plan.micro_batch,
             "accum_steps": plan.accum_steps, "lr": plan.lr,
             "train_loss": loss_sum / count, "train_acc": correct / count,
             "test_loss": test_loss, "test_acc": test_acc,
             "epoch_seconds": seconds, "samples_per_second": count / seconds if seconds > 0 else None,
-            "world_size": self.world, "global_step": self.global_step,
+            "world_size": self.world, "global_step": st.global_step,
             "allreduce_wait_share": self.monitor.wait_share(),  # rank 0's share of step time in optimizer.step()
         }
-        self.epoch, self.offset = self.epoch + 1, 0
-        self.partial.zero_()
-        self.partial_seconds = 0.0
+        st.epoch, st.offset = st.epoch + 1, 0
+        st.partial.zero_()
+        st.partial_seconds = 0.0
         if self.main:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -215,9 +279,8 @@ class Trainer:
     # ---- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
-            "epoch": self.epoch, "offset": self.offset, "global_step": self.global_step,
-            "stage": self.plans[min(self.epoch, len(self.plans) - 1)].stage,
-            "partial_sums": self.partial.clone(), "partial_seconds": self.partial_seconds,
+            **self.state.state_dict(),
+            "stage": self.plans[min(self.state.epoch, len(self.plans) - 1)].stage,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "model_name": self.cfg.model.name, "num_classes": self.train_set.info.num_classes,
             "world_size": self.world, "config": to_dict(self.cfg), "versions": library_versions(),
@@ -225,8 +288,9 @@ class Trainer:
 
     def _save(self) -> None:
         # Parameters are identical on every rank after each step, so all ranks agree on this check.
+        st = self.state
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
-            raise NonFiniteLoss(f"the weights became NaN/Inf by epoch {self.epoch}, step {self.global_step}; lower "
+            raise NonFiniteLoss(f"the weights became NaN/Inf by epoch {st.epoch}, step {st.global_step}; lower "
                                 f"the learning rate (optim.lr={self.cfg.optim.lr}); the last good checkpoint in "
                                 f"{self.ckpt_dir} is kept")
         rng = dist.allgather_object(_rng_state())  # every rank's generators, in rank order
@@ -234,18 +298,18 @@ class Trainer:
             state = self.state_dict()
             state["rng"] = rng
             path = checkpoint.save(state, self.ckpt_dir, self.cfg.checkpoint.keep)
-            log.info("checkpoint %s (epoch %d, offset %d)", path, self.epoch, self.offset)
+            log.info("checkpoint %s (epoch %d, offset %d)", path, st.epoch, st.offset)
 
     def _resume(self, target) -> None:
+        """Rank 0 loads the checkpoint; every rank learns whether its saved RNG applies. The train
+        state and weights reach the other ranks through the broadcasts of sync()."""
         state = _agree(lambda: self._load_checkpoint(target) if self.main else None)
-        pos = dist.broadcast_object(None if state is None else {k: state[k] for k in (
-            "epoch", "offset", "global_step", "partial_seconds", "rng", "world_size")})
-        self.epoch, self.offset, self.global_step = pos["epoch"], pos["offset"], pos["global_step"]
-        self.partial_seconds = pos["partial_seconds"]
         if self.main:
-            self.partial = state["partial_sums"].clone()  # reduced totals live on rank 0 only
-        if pos["world_size"] == self.world and self.rank < len(pos["rng"]):
-            _set_rng_state(pos["rng"][self.rank])
+            self.state.load_state_dict(state)
+        saved = dist.broadcast_object(None if state is None else {k: state[k] for k in ("rng", "world_size")},
+                                      name="resume_rng")
+        if saved["world_size"] == self.world and self.rank < len(saved["rng"]):
+            _set_rng_state(saved["rng"][self.rank])
 
     def _load_checkpoint(self, target) -> dict:
         """Rank 0: read the checkpoint into the model and optimizer; return its state."""

@@ -48,7 +48,7 @@ if dist.rank() == 0:
             opt.step()
     errors = [((p - q).norm() / q.norm()).item() for p, q in zip(weights, ref.parameters())]
     moved = sum((p - q).norm().item() for p, q in zip(weights, build_model("mlp", data.info).parameters()))
-    result = {"errors": errors, "passes": ks, "steps": trainer.global_step, "moved": moved}
+    result = {"errors": errors, "passes": ks, "steps": trainer.state.global_step, "moved": moved}
 else:
     result = {}
 result["weights"] = [w.tolist() for w in weights]
