@@ -45,3 +45,24 @@ def run_worker(name, out_dir, *args, controller="gloo", np=2, timeout=300):
 @pytest.fixture(params=["gloo", "mpi"])
 def controller(request):
     return request.param
+
+
+@pytest.fixture(scope="module")
+def make_cluster():
+    """make_cluster(n_hosts=2, bandwidth=None, second_net=False, slurm=False) -> a running
+    tests/cluster.py Cluster, torn down after the module (or by its watcher if pytest is killed).
+    Where it cannot be made (not root, no network namespaces), the test fails with one line."""
+    from cluster import Cluster, ClusterError
+
+    made = []
+
+    def make(**kw):
+        try:
+            made.append(Cluster(**kw).up())
+        except ClusterError as e:
+            pytest.fail(f"test cluster: {e}", pytrace=False)
+        return made[-1]
+
+    yield make
+    for c in made:
+        c.down()
