@@ -50,6 +50,9 @@ def test_hosts_have_names_addresses_ssh_and_share_the_file_system(make_cluster, 
 def test_kill_host_and_link_down(make_cluster):
     c = make_cluster(n_hosts=2)
     job = c.popen("node2", ["sleep", "600"])
+    end = time.monotonic() + 30
+    while job.pid not in c.processes("node2") and time.monotonic() < end:
+        time.sleep(0.05)  # nsenter has entered node2 and become the sleep
     assert job.pid in c.processes("node2") and job.pid not in c.processes("node1")
     c.link_down("node2")
     assert c.run("node1", ["ssh", "-o", "ConnectTimeout=2", "node2", "true"], timeout=30).returncode != 0
