@@ -50,7 +50,7 @@ def train_main(argv=None) -> int:
         from . import dist
         from .trainer import NonFiniteLoss, Trainer
 
-        dist.init(cfg.run.threads)
+        dist.init(cfg.run.threads, cfg.comm.horovod_env())
         _setup_logging(dist.rank())
         try:
             Trainer(cfg).fit()

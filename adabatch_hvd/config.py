@@ -96,6 +96,50 @@ class ScheduleConfig:
     max_micro_batch: Optional[int] = _f(None, "per-worker memory cap: larger per-worker batches are accumulated")
 
 
+COMPRESSIONS = ("none", "fp16")
+
+
+@dataclass
+class CommConfig:
+    """How gradients travel between workers: Horovod's compression and tensor-fusion knobs.
+
+    Unset (None) fields leave Horovod's own default, or what horovodrun's flags of the same name
+    put in the environment; a value set here overrides both.
+    """
+
+    compression: str = _f("none", "gradient compression in the allreduce: none, or fp16 (Horovod's "
+                                  "Compression.fp16: gradients travel as float16, half the bytes)")
+    fusion_threshold_mb: Optional[float] = _f(None, "Horovod's tensor fusion buffer in MiB (HOROVOD_FUSION_THRESHOLD; "
+                                                    "Horovod's default 128, 0 = no fusion)")
+    cycle_time_ms: Optional[float] = _f(None, "Horovod's cycle time in ms, how long its background thread gathers "
+                                              "tensors before reducing them (HOROVOD_CYCLE_TIME; Horovod's default 1)")
+    autotune: Optional[bool] = _f(None, "let Horovod tune the fusion threshold and cycle time while training "
+                                        "(HOROVOD_AUTOTUNE)")
+    autotune_log: Optional[str] = _f(None, "CSV file where Horovod's autotuner logs its trials (HOROVOD_AUTOTUNE_LOG)")
+
+    def __post_init__(self):
+        if self.compression not in COMPRESSIONS:
+            raise UserError(f"unknown comm.compression '{self.compression}'{suggest(self.compression, COMPRESSIONS)}; "
+                            f"choose one of {', '.join(COMPRESSIONS)}")
+        if self.fusion_threshold_mb is not None and not 0 <= self.fusion_threshold_mb < math.inf:
+            raise UserError(f"comm.fusion_threshold_mb must be a number >= 0, got {self.fusion_threshold_mb}")
+        if self.cycle_time_ms is not None and not 0 < self.cycle_time_ms < math.inf:
+            raise UserError(f"comm.cycle_time_ms must be a number > 0, got {self.cycle_time_ms}")
+
+    def horovod_env(self) -> dict:
+        """The HOROVOD_* variables these settings mean; Horovod reads them in hvd.init()."""
+        env = {}
+        if self.fusion_threshold_mb is not None:
+            env["HOROVOD_FUSION_THRESHOLD"] = str(int(self.fusion_threshold_mb * 1024 * 1024))
+        if self.cycle_time_ms is not None:
+            env["HOROVOD_CYCLE_TIME"] = repr(float(self.cycle_time_ms))
+        if self.autotune is not None:
+            env["HOROVOD_AUTOTUNE"] = "1" if self.autotune else "0"
+        if self.autotune_log is not None:
+            env["HOROVOD_AUTOTUNE_LOG"] = self.autotune_log
+        return env
+
+
 @dataclass
 class CheckpointConfig:
     """When checkpoints are written and how many are kept."""
@@ -131,12 +175,13 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
 _SECTION_TYPES = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "schedule": ScheduleConfig,
-                  "checkpoint": CheckpointConfig, "run": RunConfig}
+                  "comm": CommConfig, "checkpoint": CheckpointConfig, "run": RunConfig}
 
 
 # ---- value parsing ---------------------------------------------------------------------------

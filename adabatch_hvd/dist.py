@@ -7,12 +7,14 @@ import os
 import horovod.torch as hvd
 import torch
 
-def init(threads: int = 0) -> None:
+def init(threads: int = 0, horovod_env: dict | None = None) -> None:
     """Start Horovod and size torch's CPU threads so that local ranks don't oversubscribe cores.
 
     threads=0 means cores / local ranks (Horovod's CPU examples use 1 thread per rank; N ranks
-    each using every core thrash on a small machine).
+    each using every core thrash on a small machine). `horovod_env` (HOROVOD_* tuning variables,
+    see CommConfig.horovod_env) goes into the environment first: Horovod's core reads it in init().
     """
+    os.environ.update(horovod_env or {})
     hvd.init()
     if threads <= 0:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -69,13 +71,21 @@ def broadcast_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | N
             optimizer.load_state_dict(state)
 
 
-def distributed_optimizer(optimizer, model: torch.nn.Module, backward_passes_per_step: int = 1):
-    """Horovod's DistributedOptimizer: one averaged allreduce per parameter every k backward passes."""
+COMPRESSION = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16}
+
+
+def distributed_optimizer(optimizer, model: torch.nn.Module, backward_passes_per_step: int = 1,
+                          compression: str = "none"):
+    """Horovod's DistributedOptimizer: one averaged allreduce per parameter every k backward passes.
+
+    compression="fp16" sends each gradient as float16 and casts the average back (half the bytes).
+    """
     return hvd.DistributedOptimizer(
         optimizer,
         named_parameters=model.named_parameters(),
         backward_passes_per_step=backward_passes_per_step,
         op=hvd.Average,
+        compression=COMPRESSION[compression],
     )
 
 

@@ -106,7 +106,7 @@ class Trainer:
         # lr and backward passes are set before every step, from the plan of the world at that time
         base = torch.optim.SGD(self.model.parameters(), lr=self.schedule.lr_at(0), momentum=o.momentum,
                                weight_decay=o.weight_decay, nesterov=o.nesterov)
-        self.optimizer = dist.distributed_optimizer(base, self.model)
+        self.optimizer = dist.distributed_optimizer(base, self.model, compression=cfg.comm.compression)
         self.acc = Accumulator(self.model, self.optimizer, dist.size())
         self.state = TrainState()
         self.last_record = None

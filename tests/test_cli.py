@@ -62,6 +62,8 @@ CASES = {
     "unknown mode": (["--mode", "grow"], "unknown schedule mode 'grow'"),
     "bad stage": (["--stages", "0:128,20"], "bad stage '20'"),
     "momentum": (["--momentum", "1.5"], "momentum must be in [0, 1)"),
+    "unknown compression": (["--compression", "fp8"], "unknown comm.compression 'fp8' (did you mean 'fp16'?)"),
+    "cycle time zero": (["--cycle-time-ms", "0"], "comm.cycle_time_ms must be a number > 0, got 0.0"),
     "unknown flag": (["--epochz", "3"], "unrecognized arguments: --epochz 3"),
     "unknown data set": (["--data.name", "cifar11"], "did you mean 'cifar10'?"),
     "unknown model": (["--model.name", "resnet-20"], "did you mean 'resnet20'?"),
