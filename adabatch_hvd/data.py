@@ -152,39 +152,90 @@ class SyntheticImages:
 
 
 class _SeededSamples(torch.utils.data.Dataset):
-    """ImageFolder samples whose transform draws from a torch RNG seeded by (seed, epoch, index)."""
+    """ImageFolder samples keyed by (epoch, index), transformed with the CPU RNG seeded by (seed, epoch, index).
 
-    def __init__(self, folder, transform, seed: int, epoch: int):
-        self.folder, self.transform, self.seed, self.epoch = folder, transform, seed, epoch
+    torchvision's transforms draw from the global CPU generator, so that is the one seeded, and its
+    state is put back afterwards, so callers' RNG streams are untouched. Not torch.manual_seed /
+    fork_rng: they also queue lazy CUDA and XPU seeds, each recording a formatted stack trace, which
+    cost about a fifth of the whole decode-and-augment time per image.
+    """
+
+    def __init__(self, folder, transform, seed: int):
+        self.folder, self.transform, self.seed = folder, transform, seed
 
     def __len__(self) -> int:
         return len(self.folder)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key):
+        epoch, index = key
         image, label = self.folder[index]
-        # fork_rng restores the global state afterwards, so callers' RNG streams are untouched.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_mix(self.seed, self.epoch, index))
+        rng = torch.default_generator
+        state = rng.get_state()
+        rng.manual_seed(_mix(self.seed, epoch, index))
+        try:
             return self.transform(image), label
+        finally:
+            rng.set_state(state)
+
+
+class _Batches:
+    """The batch sampler of a long-lived DataLoader: each pass yields the batches set for it."""
+
+    def __init__(self):
+        self.batches: list = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 class FolderImages:
-    """An ImageFolder tree decoded by DataLoader workers, for data sets too big for memory."""
+    """An ImageFolder tree decoded by DataLoader workers, for data sets too big for memory.
+
+    The workers persist across epochs, stages and evaluations (torch's persistent_workers): one
+    DataLoader per worker count, fed with (epoch, index) keys, so starting a pass costs no forks.
+    One pass at a time: a new iterate() call ends the previous pass, which then must not be read on.
+    """
 
     def __init__(self, folder, transform, info: DatasetInfo, seed: int):
         self.folder, self.transform, self.info, self.seed = folder, transform, info, seed
+        self.samples = _SeededSamples(folder, transform, seed)
+        self._loader, self._pass = None, 0
 
     def __len__(self) -> int:
         return len(self.folder)
 
+    def _workers(self, workers: int) -> torch.utils.data.DataLoader:
+        if self._loader is None or self._loader.num_workers != workers:
+            # The generator only seeds the workers (the samples are seeded by key); without it
+            # DataLoader would draw from the global RNG.
+            self._loader = torch.utils.data.DataLoader(
+                self.samples, batch_sampler=_Batches(), num_workers=workers, persistent_workers=True,
+                generator=torch.Generator().manual_seed(_mix(self.seed)))
+        return self._loader
+
     def iterate(self, micro_batches: Iterable, epoch: int, workers: int = 0) -> Iterator[Batch]:
         """One (x, y) per micro-batch, in order, decoded by `workers` processes (0: in this one)."""
-        batches = [b.tolist() if torch.is_tensor(b) else list(b) for b in micro_batches]
-        # A fresh sample view per call bakes the epoch in, so concurrent iterators cannot share one.
-        samples = _SeededSamples(self.folder, self.transform, self.seed, epoch)
-        # DataLoader draws worker seeds from this generator, or else from the global RNG.
-        seeds = torch.Generator().manual_seed(_mix(self.seed, epoch))
-        yield from torch.utils.data.DataLoader(samples, batch_sampler=batches, num_workers=workers, generator=seeds)
+        batches = [[(epoch, i) for i in (b.tolist() if torch.is_tensor(b) else b)] for b in micro_batches]
+        if workers == 0:
+            for keys in batches:
+                yield torch.utils.data.default_collate([self.samples[k] for k in keys])
+            return
+        loader = self._workers(workers)
+        self._pass += 1
+        this_pass = self._pass
+        loader.batch_sampler.batches = batches
+        done = 0
+        for batch in loader:  # iter() here, when the pass starts, resets the workers to these batches
+            if self._pass != this_pass:
+                break
+            done += 1
+            yield batch
+        if done < len(batches):
+            raise RuntimeError("FolderImages.iterate() was called again while an earlier pass was being read; "
+                               "it serves one pass at a time")
 
 
 def _read_idx_gz(path: str, reader):

@@ -172,6 +172,45 @@ def test_imagenet_augmentation_is_seeded_per_sample(tmp_path):
     assert not torch.equal(whole[0], collect(train, [[0, 1, 2, 3]], epoch=2)[0])
 
 
+def pid_folder(tmp_path):
+    """A FolderImages whose 'image' is the id of the process that loaded it."""
+    import os
+
+    from torchvision.datasets import ImageFolder
+
+    from adabatch_hvd.data import FolderImages
+
+    write_image_folder(tmp_path, ["a", "b"], lambda label, k: torch.zeros(3, 8, 8, dtype=torch.uint8))
+    info = DatasetInfo(num_classes=2, in_channels=3, image_size=8)
+    return FolderImages(ImageFolder(tmp_path / "train"), lambda image: torch.tensor([os.getpid()]), info, seed=0)
+
+
+def test_imagenet_workers_persist_across_epochs(tmp_path):
+    import os
+
+    ds = pid_folder(tmp_path)
+    pids = [collect(ds, [[0, 1], [2, 3]], epoch, workers=2)[0].flatten().tolist() for epoch in range(3)]
+    workers = set(pids[0])
+    assert len(workers) == 2 and os.getpid() not in workers  # two worker processes, one per batch
+    assert set(pids[1]) == set(pids[2]) == workers  # the same processes served every epoch
+
+
+def test_imagenet_a_new_pass_ends_the_previous_one(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    write_image_folder(tmp_path, ["a", "b"], lambda label, k: torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8,
+                                                                           generator=g))
+    train = build_dataset("imagenet", tmp_path, True, seed=5)
+    expected = collect(train, [[0], [1], [2], [3]], epoch=2)
+    stopped = train.iterate([[3], [2], [1], [0]], 1, workers=2)
+    next(stopped)  # a pass left early (as the trainer does at run.stop_after_steps) ...
+    assert torch.equal(collect(train, [[0], [1], [2], [3]], epoch=2, workers=2)[0], expected[0])  # ... is dropped
+    abandoned = train.iterate([[0], [1], [2]], 1, workers=2)
+    next(abandoned)
+    collect(train, [[0, 1]], epoch=2, workers=2)
+    with pytest.raises(RuntimeError, match="one pass at a time"):
+        next(abandoned)  # reading on would mix another pass's samples in
+
+
 def test_imagenet_val_must_have_the_train_classes(tmp_path):
     write_image_folder(tmp_path, ["a", "b"], lambda label, k: torch.zeros(3, 8, 8, dtype=torch.uint8))
     for f in (tmp_path / "val" / "a").iterdir():
