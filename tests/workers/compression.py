@@ -75,7 +75,7 @@ for compression in ("none", "fp16"):
         trainer = Trainer(cfg)
         trainer.fit()
         dist.barrier()
-    runs[compression] = {"bytes": sum(b for _, _, b in sent[before:]), "steps": trainer.global_step,
+    runs[compression] = {"bytes": sum(b for _, _, b in sent[before:]), "steps": trainer.state.global_step,
                          "weights": torch.cat([p.detach().flatten() for p in trainer.model.parameters()])}
 w32, w16 = runs["none"].pop("weights"), runs["fp16"].pop("weights")
 torch.manual_seed(cfg.run.seed)  # the trainer's initial weights
