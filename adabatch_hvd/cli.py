@@ -34,9 +34,21 @@ def _overrides(args) -> dict:
     return {k: v for k, v in vars(args).items() if "." in k}
 
 
-def _setup_logging(rank: int | str) -> None:
+def _setup_logging(rank) -> None:
+    """Log lines carry the rank at the time of the line: an elastic reset can give a process another."""
+    factory = logging.getLogRecordFactory()
+
+    def record(*args, **kwargs):
+        r = factory(*args, **kwargs)
+        try:
+            r.rank = rank()
+        except ValueError:  # between Horovod's shutdown and init during an elastic reset
+            r.rank = "?"
+        return r
+
+    logging.setLogRecordFactory(record)
     logging.basicConfig(level=os.environ.get("ADABATCH_LOG_LEVEL", "INFO"),
-                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+                        format="%(asctime)s [rank %(rank)s] %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
 
 
@@ -51,7 +63,7 @@ def train_main(argv=None) -> int:
         from .trainer import NonFiniteLoss, Trainer
 
         dist.init(cfg.run.threads, cfg.comm.horovod_env())
-        _setup_logging(dist.rank())
+        _setup_logging(dist.rank)
         try:
             Trainer(cfg).fit()
         except NonFiniteLoss as e:
@@ -69,7 +81,7 @@ def train_main(argv=None) -> int:
 def plan_table(cfg: config.Config, world_size: int, num_samples: int) -> str:
     """The per-stage table: epochs, batches, micro-batching, LR and optimizer steps per epoch."""
     schedule = config.build_schedule(cfg)
-    plans = schedule.plan(world_size, cfg.schedule.max_micro_batch)
+    plans = schedule.plan(world_size, cfg.schedule.max_micro_batch, even=not cfg.run.elastic)
     head = ("stage", "epochs", "global", "per-worker", "micro", "accum", "lr", "steps/epoch")
     rows = []
     for p in plans:

@@ -165,6 +165,14 @@ class RunConfig:
     quiet: bool = _f(False, "no progress bar")
     resume: Optional[str] = _f(None, "checkpoint to resume from: a path, or 'latest' for RUN_DIR's newest")
     stop_after_steps: int = _f(0, "stop (with a checkpoint) after this many optimizer steps in this process; 0 = no limit")
+    elastic: bool = _f(False, "elastic training (launch/run-elastic.sh): workers may leave and join while the "
+                              "global batch, LR and sample order stay as planned")
+    commit_every: int = _f(10, "elastic: commit the state in memory every N optimizer steps; a failed worker "
+                               "rolls the others back to the last commit")
+
+    def __post_init__(self):
+        if self.commit_every < 1:
+            raise UserError(f"run.commit_every must be >= 1, got {self.commit_every}")
 
 
 @dataclass
@@ -306,6 +314,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help=f"{f.metadata['help']} (default: {default})")
         if f.name == "resume":
             kwargs.update(nargs="?", const="latest")
+        elif tp is bool:
+            kwargs.update(nargs="?", const="true")  # --elastic alone means --elastic true
         group.add_argument(*names, **kwargs)
 
 

@@ -6,6 +6,11 @@ import os
 
 import horovod.torch as hvd
 import torch
+from horovod.common.elastic import State
+from horovod.common.exceptions import HorovodInternalError, HostsUpdatedInterrupt
+
+# What a live resize raises inside hvd.elastic.run: a lost worker, or hosts added/removed.
+ELASTIC_INTERRUPTS = (HorovodInternalError, HostsUpdatedInterrupt)
 
 def init(threads: int = 0, horovod_env: dict | None = None) -> None:
     """Start Horovod and size torch's CPU threads so that local ranks don't oversubscribe cores.
@@ -87,6 +92,41 @@ def distributed_optimizer(optimizer, model: torch.nn.Module, backward_passes_per
         op=hvd.Average,
         compression=COMPRESSION[compression],
     )
+
+
+def elastic_launch() -> bool:
+    """Whether horovodrun started this process as an elastic job (--min-np/--max-np/discovery)."""
+    return os.environ.get("HOROVOD_ELASTIC") == "1"
+
+
+class ElasticState(State):
+    """Horovod's elastic state, delegating to an owner with commit_save/commit_restore/sync/bind_world.
+
+    Not TorchState: its sync() calls hvd.broadcast_optimizer_state, which changes the weights under
+    weight decay (see broadcast_state); the owner syncs with broadcast_state instead.
+    """
+
+    def __init__(self, owner):
+        self.owner = owner
+        super().__init__(bcast_object=broadcast_object, get_rank=rank)
+
+    def save(self):
+        self.owner.commit_save()
+
+    def restore(self):
+        self.owner.commit_restore()
+
+    def sync(self):
+        self.owner.sync()
+
+    def reset(self):
+        self.owner.bind_world()
+
+
+def run_elastic(func, state: ElasticState):
+    """hvd.elastic.run: func(state), called again after every reset (Horovod re-initialized on the
+    new set of workers; state restored to its last commit after a failure, then synced)."""
+    return hvd.elastic.run(func)(state)
 
 
 def barrier() -> None:

@@ -16,7 +16,7 @@ EPOCH_SCALARS = {  # TensorBoard tag -> metrics.jsonl field
     "lr": "lr", "batch/global": "global_batch", "batch/per_worker": "per_worker_batch",
     "batch/micro": "micro_batch", "batch/accum_steps": "accum_steps",
     "perf/samples_per_sec": "samples_per_second", "perf/epoch_seconds": "epoch_seconds",
-    "perf/allreduce_wait_share": "allreduce_wait_share",
+    "perf/allreduce_wait_share": "allreduce_wait_share", "world_size": "world_size",
 }
 
 
@@ -35,14 +35,26 @@ class Monitor:
             # On resume, events at or after the resumed epoch (written before a crash) are dropped.
             self.writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=purge_step)
 
-    def start(self, plans, world: int, epoch: int) -> None:
+    def start(self, plans, world: int, epoch: int, global_step: int = 0) -> None:
+        """(Re)start of the loop: at the beginning, after a resume and after every elastic reset."""
         if not self.main:
             return
         p = plans[0]
         log.info("world size %d; %d epochs; global batch %d -> %d; run dir %s", world, len(plans), p.global_batch,
                  plans[-1].global_batch, self.run_dir)
-        if epoch:
-            log.info("continuing at epoch %d", epoch)
+        if epoch or global_step:
+            log.info("continuing at epoch %d, step %d", epoch, global_step)
+        self.writer.add_scalar("elastic/world_size", world, global_step)  # by optimizer step
+
+    def resize(self, event: dict) -> None:
+        """A world-size change: a log line and a TensorBoard text at the step where it took effect."""
+        if not self.main:
+            return
+        text = (f"world size {event['from']} -> {event['to']} at step {event['global_step']} (epoch "
+                f"{event['epoch']}, sample offset {event['offset']}); global batch and LR as planned")
+        log.info(text)
+        self.writer.add_text("elastic", text, event["global_step"])
+        self.writer.flush()
 
     def stage(self, plan, previous) -> None:
         if not self.main or (previous is not None and previous.stage == plan.stage):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import List
+from typing import Iterable, List
 
 
 @dataclass(frozen=True)
@@ -63,3 +63,25 @@ def passes_per_step(step: Step, world_size: int, micro_batch: int) -> int:
     """Backward passes of the busiest rank in a step: Horovod's backward_passes_per_step for it."""
     busiest = -(-step.size // world_size)
     return max(1, -(-busiest // micro_batch))
+
+
+def sample_digest(ids: Iterable[int], epoch: int) -> int:
+    """An order-free fingerprint of the sample ids used in an epoch: the sum of a hash of each.
+
+    The hash is 1 + a bijection of the id onto 32 bits (for ids below 2**32): never 0, so a missed
+    sample always shows, and never the same for two ids, so one used in place of another always
+    shows. Summed over every step and rank the digest equals `sample_digest(range(n), epoch)` when
+    each sample was used once. The sums stay below 2**53 for up to 2**21 samples per epoch, so they
+    add exactly in float64, beside the loss sums.
+    """
+    salt = (epoch * 0x9E3779B9) & 0xFFFFFFFF
+    return sum(1 + _fmix32(i ^ salt) for i in ids)
+
+
+def _fmix32(h: int) -> int:
+    """MurmurHash3's 32-bit finalizer: a bijection that scatters every input bit."""
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    return h ^ (h >> 16)

@@ -152,21 +152,25 @@ class Schedule:
         return lr
 
     # ---- per-worker resolution -----------------------------------------------------------
-    def resolve(self, epoch: int, world_size: int, max_micro_batch: Optional[int] = None) -> EpochPlan:
+    def resolve(self, epoch: int, world_size: int, max_micro_batch: Optional[int] = None,
+                even: bool = True) -> EpochPlan:
+        """The epoch's numbers for a world size. With even=False (elastic runs, where the world size is
+        not chosen by the user) a world size that does not divide the global batch gets shares that
+        differ by one sample; per_worker_batch is then the largest share."""
         if world_size <= 0:
             raise UserError(f"world size must be > 0, got {world_size}")
         if max_micro_batch is not None and max_micro_batch <= 0:
             raise UserError(f"max micro-batch must be > 0, got {max_micro_batch}")
         stage, gb = self.stage_of(epoch), self.global_batch(epoch)
-        if gb % world_size:
+        if even and gb % world_size:
             up = -(-gb // world_size) * world_size
             raise UserError(
                 f"global batch {gb} (epoch {epoch}, stage {stage}) is not divisible by the world size "
                 f"{world_size}; use batches that are multiples of {world_size} (e.g. {up}) or another -np"
             )
-        per_worker = gb // world_size
+        per_worker = -(-gb // world_size)
         accum = 1 if max_micro_batch is None else -(-per_worker // max_micro_batch)
-        if per_worker % accum:
+        if even and per_worker % accum:
             fits = [d for d in range(max_micro_batch, 0, -1) if per_worker % d == 0][:2]
             raise UserError(
                 f"per-worker batch {per_worker} (global {gb} / {world_size} workers, epoch {epoch}) does not split "
@@ -178,14 +182,14 @@ class Schedule:
             stage=stage,
             global_batch=gb,
             per_worker_batch=per_worker,
-            micro_batch=per_worker // accum,
+            micro_batch=-(-per_worker // accum),
             accum_steps=accum,
             lr=self.lr_at(epoch),
         )
 
-    def plan(self, world_size: int, max_micro_batch: Optional[int] = None) -> list:
+    def plan(self, world_size: int, max_micro_batch: Optional[int] = None, even: bool = True) -> list:
         """Every epoch resolved; raises on the first impossible one, before anything trains."""
-        return [self.resolve(e, world_size, max_micro_batch) for e in range(self.epochs)]
+        return [self.resolve(e, world_size, max_micro_batch, even) for e in range(self.epochs)]
 
 
 def parse_stages(spec) -> Tuple[Tuple[int, int], ...]:

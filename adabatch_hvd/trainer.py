@@ -7,6 +7,7 @@ size before anything trains.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import logging
@@ -57,32 +58,44 @@ def library_versions() -> dict:
 class TrainState:
     """Where the run stands, besides the weights and optimizer: what a resume or a reset restores.
 
-    Rank 0's copy is the truth: `Trainer.sync` broadcasts it, because rank 0 may be another process
-    after a restart on another world size.
+    Rank 0's copy is the truth: `Trainer.sync` broadcasts it, because after a restart or an elastic
+    reset rank 0 may be another process.
     """
 
     epoch: int = 0
     offset: int = 0  # samples of this epoch's permutation already trained on
     global_step: int = 0
-    partial: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.float64))
-    """this epoch's (loss_sum, correct, count) up to `offset`, reduced over all ranks"""
+    partial: torch.Tensor = field(default_factory=lambda: torch.zeros(4, dtype=torch.float64))
+    """this epoch's (loss_sum, correct, count, sample digest) up to `offset`, reduced over all ranks"""
     partial_seconds: float = 0.0
+    world_size: int = 0  # the world size this state was trained with (0: not yet)
+    resizes: list = field(default_factory=list)  # this epoch's world-size changes
+    last_record: dict | None = None  # the last finished epoch's metrics
+    record_pending: bool = False  # last_record is not written out yet (an elastic reset came first)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "offset": self.offset, "global_step": self.global_step,
-                "partial_sums": self.partial.clone(), "partial_seconds": self.partial_seconds}
+                "partial_sums": self.partial.clone(), "partial_seconds": self.partial_seconds,
+                "world_size": self.world_size, "resizes": copy.deepcopy(self.resizes),
+                "last_record": copy.deepcopy(self.last_record), "record_pending": self.record_pending}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.offset, self.global_step = state["epoch"], state["offset"], state["global_step"]
-        self.partial = state["partial_sums"].clone()
+        sums = state["partial_sums"].double()
+        self.partial = torch.cat([sums, torch.zeros(4 - len(sums), dtype=torch.float64)])  # 3 before digests
         self.partial_seconds = state["partial_seconds"]
+        self.world_size = state["world_size"]
+        self.resizes = copy.deepcopy(state.get("resizes", []))  # .get: checkpoints of earlier versions
+        self.last_record = copy.deepcopy(state.get("last_record"))
+        self.record_pending = state.get("record_pending", False)
 
 
 class Trainer:
     """Owns the model, optimizer, data and position of one run on this rank.
 
     The constructor only builds; `sync()` does the collectives (run-dir agreement, resume, rank 0's
-    state everywhere) and `_bind_world()` binds whatever depends on the world size and rank.
+    state everywhere) and `bind_world()` binds whatever depends on the world size and rank. Elastic
+    runs call both again after every reset (see dist.ElasticState).
     """
 
     def __init__(self, cfg: Config):
@@ -98,6 +111,9 @@ class Trainer:
         self.test_set = build_dataset(d.name, d.root, False, augment=False, **kw)
         self.n_train = min(len(self.train_set), d.train_samples or len(self.train_set))
         self.n_test = min(len(self.test_set), d.test_samples or len(self.test_set))
+        if cfg.run.elastic and not dist.elastic_launch():
+            raise UserError("run.elastic needs an elastic launch: launch/run-elastic.sh (horovodrun --min-np "
+                            "--max-np --host-discovery-script, Gloo); drop --elastic for a fixed world size")
 
         torch.manual_seed(cfg.run.seed)  # the same init everywhere; rank 0's is broadcast anyway
         self.model = build_model(cfg.model.name, self.train_set.info).to(self.device)
@@ -109,17 +125,21 @@ class Trainer:
         self.optimizer = dist.distributed_optimizer(base, self.model, compression=cfg.comm.compression)
         self.acc = Accumulator(self.model, self.optimizer, dist.size())
         self.state = TrainState()
-        self.last_record = None
         self.monitor, self.log_file = None, None
         self.started = False  # set by the first sync(): the run dir is agreed on and the position known
-        self._bind_world()
+        self.elastic = dist.ElasticState(self) if cfg.run.elastic else None
+        self.committed = None  # elastic: the in-memory copy a failure rolls back to
+        self.interrupted_at = None  # elastic: when this process last saw a worker leave or join
+        self.resize = None  # the world-size change (in state.resizes) whose first step is not done yet
+        self.bind_world()
 
-    def _bind_world(self) -> None:
+    def bind_world(self) -> None:
         """Bind everything that depends on the world size and this process's rank: the plans, the
         accumulator's loss scale and rank 0's duties (log file, metrics, TensorBoard, checkpoints)."""
         self.rank, self.world = dist.rank(), dist.size()
         self.main = self.rank == 0
-        self.plans = self.schedule.plan(self.world, self.cfg.schedule.max_micro_batch)
+        # A world size the user did not choose (elastic) may not divide the global batch: uneven shares.
+        self.plans = self.schedule.plan(self.world, self.cfg.schedule.max_micro_batch, even=self.elastic is None)
         if self.n_train < self.world:
             raise UserError(f"the training set has {self.n_train} samples, fewer than {self.world} workers")
         self.acc.world_size = self.world
@@ -147,43 +167,98 @@ class Trainer:
             self.log_file = None
 
     def sync(self) -> None:
-        """The collectives of a start: agree on the run dir, load the resume point on rank 0, then
-        give every rank rank 0's weights, optimizer state and train state (partial sums included)."""
+        """The collectives of a start: agree on the run dir and load the resume point (a fresh job
+        only), then give every rank the weights, optimizer state and train state (partial sums
+        included) of the first rank already training: rank 0, or the oldest survivor of a reset."""
         cfg = self.cfg
-        if not self.started:
+        started = dist.allgather_object(self.started, name="started")
+        root = started.index(True) if True in started else 0
+        fresh = not started[root]
+        if fresh:
             _agree(lambda: _check_run_dir(self.run_dir, cfg.run.resume) if self.main else None)
             self._open_files(monitor=False)  # the resume is logged to train.log too
             if cfg.run.resume:
                 self._resume(cfg.run.resume)
-        dist.broadcast_state(self.model, self.optimizer, root=0)
-        self.state.load_state_dict(dist.broadcast_object(self.state.state_dict(), name="train_state"))
+        dist.broadcast_state(self.model, self.optimizer, root=root)
+        self.state.load_state_dict(dist.broadcast_object(self.state.state_dict(), root, name="train_state"))
         if not self.started:
             self.started = True
-            self._bind_world()
-            if self.main:
-                (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
-                if has_batchnorm(self.model) and any(p.accum_steps > 1 for p in self.plans):
-                    log.warning("%s has BatchNorm: with gradient accumulation it normalizes each micro-batch, "
-                                "not the global batch, so accumulated updates are not exactly the large-batch "
-                                "ones", cfg.model.name)
+            self.bind_world()
+        if fresh and self.main:
+            (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
+            if has_batchnorm(self.model) and any(p.accum_steps > 1 for p in self.plans):
+                log.warning("%s has BatchNorm: with gradient accumulation it normalizes each micro-batch, "
+                            "not the global batch, so accumulated updates are not exactly the large-batch "
+                            "ones", cfg.model.name)
+        self._note_world()
+        if self.elastic is not None:
+            self.commit_save()
+
+    def _note_world(self) -> None:
+        """Record a change of world size in the state (a rollback keeps or drops it with the training
+        it belongs to), in the log and in TensorBoard; its timing is added after the first step."""
+        st = self.state
+        if st.world_size and st.world_size != self.world:
+            self.resize = {"global_step": st.global_step, "epoch": st.epoch, "offset": st.offset,
+                           "from": st.world_size, "to": self.world}
+            st.resizes.append(self.resize)
+            self.monitor.resize(self.resize)
+        st.world_size = self.world
+
+    # ---- elastic commits -------------------------------------------------------------------
+    def commit_save(self) -> None:
+        """Keep a copy of everything a rollback restores, in this process's memory."""
+        self.committed = copy.deepcopy({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                                        "state": self.state.state_dict(), "rng": _rng_state()})
+
+    def commit_restore(self) -> None:
+        """Undo everything since the last commit (a worker failed mid-step)."""
+        c = copy.deepcopy(self.committed)  # loaded tensors are used in place; keep the commit intact
+        self.model.load_state_dict(c["model"])
+        self.optimizer.load_state_dict(c["optimizer"])  # also resets Horovod's per-gradient pass counters
+        self.optimizer.zero_grad()
+        self.state.load_state_dict(c["state"])
+        _set_rng_state(c["rng"])
 
     # ---- the loop --------------------------------------------------------------------------
     def fit(self) -> None:
-        self.sync()
+        """Train to the end of the schedule (or run.stop_after_steps)."""
+        try:
+            if self.elastic is not None:
+                dist.run_elastic(self._fit, self.elastic)
+            else:
+                self.sync()
+                self._fit()
+        finally:
+            self._close_files()
+
+    def _fit(self, _elastic_state=None) -> None:
+        """The loop; in elastic runs it is entered again after every reset, from the synced state."""
         st = self.state
-        self.monitor.start(self.plans, self.world, st.epoch)
-        steps_this_process = 0
-        while st.epoch < self.schedule.epochs:
-            plan = self.plans[st.epoch]
-            if st.offset == 0 or steps_this_process == 0:
-                self.monitor.stage(plan, self.plans[st.epoch - 1] if st.epoch and steps_this_process else None)
-            finished, steps_this_process = self._train_epoch(plan, steps_this_process)
-            if not finished:
-                break  # run.stop_after_steps reached; the checkpoint holds the position
-            record = self._end_epoch(plan)
-            self.monitor.epoch(record)
-        self.monitor.finish(self.last_record if st.epoch == self.schedule.epochs else None)
-        self._close_files()
+        self._note_world()  # after a graceful removal there is no sync()
+        self.monitor.start(self.plans, self.world, st.epoch, st.global_step)
+        try:
+            if st.record_pending:
+                self._publish_epoch()
+            steps_this_process = 0
+            while st.epoch < self.schedule.epochs:
+                plan = self.plans[st.epoch]
+                if st.offset == 0 or steps_this_process == 0:
+                    self.monitor.stage(plan, self.plans[st.epoch - 1] if st.epoch and steps_this_process else None)
+                finished, steps_this_process = self._train_epoch(plan, steps_this_process)
+                if not finished:
+                    break  # run.stop_after_steps reached; the checkpoint holds the position
+                self._end_epoch(plan)
+        except dist.ELASTIC_INTERRUPTS as e:
+            self.interrupted_at = time.monotonic()
+            if isinstance(e, dist.HostsUpdatedInterrupt):
+                log.warning("hosts changed: the workers re-form at step %d (just committed)", st.global_step)
+            else:
+                log.warning("a worker was lost at step %d (%s): rolling back to the commit at step %d",
+                            st.global_step, (str(e).strip() or type(e).__name__).splitlines()[0],
+                            self.committed["state"]["global_step"])
+            raise
+        self.monitor.finish(st.last_record if st.epoch == self.schedule.epochs else None)
 
     def _train_epoch(self, plan, steps_this_process):
         cfg, n, st = self.cfg, self.n_train, self.state
@@ -194,7 +269,7 @@ class Trainer:
                                          cfg.data.workers)
         t0 = time.perf_counter()
         self.monitor.epoch_start(plan, n - st.offset)
-        local = torch.zeros(3, dtype=torch.float64)
+        local = torch.zeros(4, dtype=torch.float64)
         for step, share in zip(steps, shares):
             self._set_lr(self.schedule.lr_at(st.epoch + step.start / n))
             micro = ((x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
@@ -209,16 +284,23 @@ class Trainer:
                                     f"(lr {lr:.4g}, global batch {plan.global_batch}); lower the learning rate "
                                     f"(optim.lr={cfg.optim.lr}) or lengthen the warmup; the last good checkpoint "
                                     f"in {self.ckpt_dir} is kept")
-            local += torch.tensor([float(loss_sum), float(correct), float(count)], dtype=torch.float64)
+            digest = sampler.sample_digest((order[i] for m in share for i in m), st.epoch)
+            local += torch.tensor([float(loss_sum), float(correct), float(count), digest], dtype=torch.float64)
             st.offset, st.global_step = step.start + step.size, st.global_step + 1
             steps_this_process += 1
             self.monitor.step(step.size, step_loss, time.perf_counter() - t_step, self.acc.sync_seconds)
-            every = cfg.checkpoint.every_steps
-            if every and st.global_step % every == 0 and st.offset < n:
+            if self.resize is not None:
+                self._report_resize()
+            save = cfg.checkpoint.every_steps and st.global_step % cfg.checkpoint.every_steps == 0
+            commit = self.elastic is not None and st.global_step % cfg.run.commit_every == 0
+            if (save or commit) and st.offset < n:
                 self._fold(local, time.perf_counter() - t0)
                 local.zero_()
                 t0 = time.perf_counter()
-                self._save()
+                if save:
+                    self._save()
+                if commit:
+                    self.elastic.commit()  # may raise HostsUpdatedInterrupt: a planned reset from here
             if cfg.run.stop_after_steps and steps_this_process >= cfg.run.stop_after_steps:
                 self._fold(local, time.perf_counter() - t0)
                 self._save()  # a clean stop keeps its exact position
@@ -231,9 +313,20 @@ class Trainer:
         self.state.partial += dist.allreduce_sum(local, name="train_sums")
         self.state.partial_seconds += seconds
 
-    def _end_epoch(self, plan) -> dict:
+    def _report_resize(self) -> None:
+        """The first step on a new world is done: when, and how long after the reset began."""
+        self.resize["wall_time"] = time.time()
+        if self.interrupted_at is not None:
+            self.resize["recovery_seconds"] = round(time.monotonic() - self.interrupted_at, 3)
+            self.interrupted_at = None
+            if self.main:
+                log.info("training again on %d workers %.2f s after the reset began", self.world,
+                         self.resize["recovery_seconds"])
+        self.resize = None
+
+    def _end_epoch(self, plan) -> None:
         st = self.state
-        loss_sum, correct, count = st.partial.tolist()
+        loss_sum, correct, count, digest = st.partial.tolist()
         test_loss, test_acc = self.evaluate()
         seconds = st.partial_seconds
         record = {
@@ -245,16 +338,29 @@ class Trainer:
             "epoch_seconds": seconds, "samples_per_second": count / seconds if seconds > 0 else None,
             "world_size": self.world, "global_step": st.global_step,
             "allreduce_wait_share": self.monitor.wait_share(),  # rank 0's share of step time in optimizer.step()
+            "world_size_changes": st.resizes, "samples_used": int(count), "sample_digest": int(digest),
         }
+        expected = sampler.sample_digest(range(self.n_train), st.epoch)
+        if (int(count), int(digest)) != (self.n_train, expected) and self.main:
+            log.error("epoch %d used %d samples with digest %d; every sample once would be %d with digest %d",
+                      st.epoch, count, digest, self.n_train, expected)
         st.epoch, st.offset = st.epoch + 1, 0
         st.partial.zero_()
         st.partial_seconds = 0.0
+        st.resizes = []
+        st.last_record, st.record_pending = record, True
+        if self.elastic is not None:
+            self.elastic.commit()
+        self._publish_epoch()
+
+    def _publish_epoch(self) -> None:
+        """Write the finished epoch's record and checkpoint; repeating it after a reset is harmless."""
+        st = self.state
         if self.main:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-        self.last_record = record
+            _write_record(self.run_dir / "metrics.jsonl", st.last_record)
+        self.monitor.epoch(st.last_record)
+        st.record_pending = False
         self._save()
-        return record
 
     @torch.no_grad()
     def evaluate(self):
@@ -283,7 +389,7 @@ class Trainer:
             "stage": self.plans[min(self.state.epoch, len(self.plans) - 1)].stage,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "model_name": self.cfg.model.name, "num_classes": self.train_set.info.num_classes,
-            "world_size": self.world, "config": to_dict(self.cfg), "versions": library_versions(),
+            "config": to_dict(self.cfg), "versions": library_versions(),
         }
 
     def _save(self) -> None:
@@ -328,6 +434,13 @@ class Trainer:
         log.info("resuming from %s: epoch %d, sample offset %d, step %d (saved with world size %d)", path,
                  state["epoch"], state["offset"], state["global_step"], state["world_size"])
         return state
+
+
+def _write_record(path: Path, record: dict) -> None:
+    """Append an epoch's record, replacing one of the same epoch (written before an elastic reset)."""
+    _truncate_metrics(path, record["epoch"])
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def _truncate_metrics(path: Path, epoch: int) -> None:

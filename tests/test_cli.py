@@ -75,6 +75,8 @@ CASES = {
     "resume without checkpoint": (["--resume"], "--resume: no checkpoint found in"),
     "run dir of another run": (["--run-dir", "runs/.test-existing"], "already holds a run"),
     "resume from a missing file": (["--resume", "/nonexistent/ckpt.pt"], "no checkpoint found in /nonexistent/ckpt.pt"),
+    "elastic without an elastic launch": (["--elastic"], "run.elastic needs an elastic launch: launch/run-elastic.sh"),
+    "commit every 0": (["--commit-every", "0"], "run.commit_every must be >= 1, got 0"),
 }
 FILE_CASES = {
     "broken.yaml": "invalid YAML in",
@@ -108,6 +110,8 @@ def test_plan_errors_for_world_size():
                           "global batch 128 (epoch 0, stage 0) is not divisible by the world size 3", "adabatch-plan")
     ok = plan("-c", "configs/fashion_mnist.yaml", "--world-size", "2")
     assert ok.returncode == 0 and "  2     4-5     512         256     64      4" in ok.stdout, ok.stdout
+    elastic = plan("-c", "configs/fashion_mnist.yaml", "--world-size", "3", "--elastic")  # uneven shares
+    assert elastic.returncode == 0 and "  0     0-1     128          43     43      1" in elastic.stdout, elastic.stdout
 
 
 def test_indivisible_batch_under_horovodrun_exits_2_on_every_rank(tmp_path):

@@ -23,6 +23,8 @@ USAGE_KEYS = {
                          "--ssh-port"],
     "slurm.sbatch": ["LAUNCHER", "horovodrun", "srun --mpi=pmix", "mpirun",
                      "CONTAINER_IMAGE", "scontrol show hostnames"],
+    "run-elastic.sh": ["--host-discovery-script", "--min-np", "--max-np", "host:slots", "--network-interfaces",
+                       "--blacklist-cooldown-range", "--commit-every", "--elastic"],
     "docker-run.sh": ["--gpus all", "--network host", "--ipc host", "keys", "worker", "launch", "-H",
                       "--port", "USER_UID"],
 }
@@ -391,3 +393,31 @@ def test_docker_run_keys(tmp_path):
     assert (keys / "authorized_keys").read_text() == (keys / "id_ed25519.pub").read_text()
     assert all(p.stat().st_mode & 0o077 == 0 for p in keys.iterdir()), "keys must be private (0600)"
     assert dry("docker-run.sh", "keys", "-k", keys, cwd=tmp_path).returncode == 2  # never overwrites
+
+
+def test_run_elastic_composes_an_elastic_gloo_job(tmp_path):
+    """-np defaults to the slots the discovery script offers now; lo is picked when every host is this
+    machine (horovodrun's own interface detection needs two hosts and would wait forever)."""
+    hosts = tmp_path / "hosts"
+    script = tmp_path / "discover.sh"
+    script.write_text(f"#!/bin/sh\ncat {hosts}\n")
+    script.chmod(0o755)
+    hosts.write_text("localhost:2\n127.0.0.1:1\n")
+    proc = dry("run-elastic.sh", "--host-discovery-script", script, "--max-np", "4", "--dry-run", "--",
+               "--config", "configs/fashion_mnist.yaml")
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(rf"horovodrun -np 3 --min-np 1 --max-np 4 --host-discovery-script {re.escape(str(script))} "
+                     r"--network-interfaces lo --gloo \S*adabatch-train --elastic true --config "
+                     r"configs/fashion_mnist.yaml$", proc.stdout.strip()), proc.stdout
+    hosts.write_text("node1:4\nnode2\n")  # another machine: horovodrun finds the interface itself
+    proc = dry("run-elastic.sh", "--host-discovery-script", script, "--slots-per-host", "2", "--min-np", "2",
+               "--blacklist-cooldown-range", "10", "60", "--dry-run", env={"ADABATCH_IFACE": ""})
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "-np 6 --min-np 2 --max-np 6" in out and "--slots-per-host 2" in out, out
+    assert "--blacklist-cooldown-range 10 60" in out and "--network-interfaces" not in out, out
+    for bad, message in ((["--host-discovery-script", tmp_path / "missing"], "is not an executable file"),
+                         ([], "no --host-discovery-script"),
+                         (["--host-discovery-script", script, "-np", "9", "--max-np", "8"], "need --min-np <= -np")):
+        proc = dry("run-elastic.sh", *bad, "--dry-run")
+        assert proc.returncode == 2 and message in proc.stderr, (bad, proc.stderr)

@@ -62,3 +62,32 @@ def test_tail_smaller_than_world_is_merged():
 @pytest.mark.parametrize("n, batch, world, expected", [(60000, 128, 2, 469), (60000, 512, 2, 118), (50, 50, 2, 1)])
 def test_step_counts(n, batch, world, expected):
     assert len(sampler.steps(n, batch, world)) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 2000), world=st.integers(1, 7), batch=st.integers(1, 300), micro=st.integers(1, 64),
+       epoch=st.integers(0, 50), start=st.integers(0, 1999))
+def test_digest_of_what_the_ranks_use_is_the_digest_of_every_sample(n, world, batch, micro, epoch, start):
+    """Summed over steps and ranks (any world size, uneven shares, a resize at any offset) the
+    digest equals the whole epoch's; dropping or repeating a sample always changes it."""
+    if n < world:
+        return
+    offset = min(start, n)
+    order = sampler.permutation(n, 0, epoch)
+    head = sampler.sample_digest(order[:offset], epoch)  # trained before a resize at `offset`
+    steps, per_rank = epoch_positions(n, batch, world, micro, offset)
+    used = [order[i] for rank in per_rank for step in rank for mb in step for i in mb]
+    whole = sampler.sample_digest(range(n), epoch)
+    assert head + sampler.sample_digest(used, epoch) == whole
+    assert whole < 2 ** 53  # exact in float64
+    if used:
+        assert sampler.sample_digest(used[1:], epoch) + head != whole  # a sample missed
+        assert sampler.sample_digest(used + used[:1], epoch) + head != whole  # one used twice
+        if n > 1:
+            other = next(i for i in range(n) if i != used[0])
+            assert sampler.sample_digest([other] + used[1:], epoch) + head != whole  # one for another
+
+
+def test_digest_differs_between_epochs():
+    assert sampler.sample_digest(range(10), 0) != sampler.sample_digest(range(10), 1)
+    assert sampler.sample_digest([], 3) == 0

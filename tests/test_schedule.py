@@ -139,3 +139,20 @@ def test_resolution_errors_name_the_numbers_and_a_fix():
         s.resolve(0, 2, max_micro_batch=0)
     with pytest.raises(UserError, match="bad stage 'x:1'"):
         parse_stages("0:128,x:1")
+
+
+def test_uneven_shares_for_a_world_size_the_user_did_not_choose():
+    """Elastic runs (even=False): any world size works; the global batch and the LR never change."""
+    s = Schedule(initial_batch=100, epochs=4, lr=0.1, interval=2)
+    for world in range(1, 9):
+        for epoch in range(4):
+            p = s.resolve(epoch, world, max_micro_batch=16, even=False)
+            assert (p.global_batch, p.lr) == (s.global_batch(epoch), s.lr_at(epoch))
+            assert p.per_worker_batch == -(-p.global_batch // world)  # the largest share
+            assert p.micro_batch <= 16 and p.micro_batch * p.accum_steps >= p.per_worker_batch
+            assert p.micro_batch * (p.accum_steps - 1) < p.per_worker_batch  # no empty micro-batch
+    p = s.resolve(0, 3, max_micro_batch=16, even=False)  # 100 = 34 + 33 + 33; 34 = 3 micro-batches of <= 12
+    assert (p.per_worker_batch, p.accum_steps, p.micro_batch) == (34, 3, 12)
+    assert s.plan(4, 25, even=False) == s.plan(4, 25)  # where the world divides, nothing changes
+    with pytest.raises(UserError, match="not divisible by the world size 3"):
+        s.plan(3, 16)  # a fixed world size keeps the check
