@@ -116,13 +116,6 @@ if [ -z "$iface" ]; then
   if [ "$local_only" = 1 ]; then iface=lo; else iface=${ADABATCH_IFACE:-}; fi
 fi
 
-tool() {
-  if [ -x "$ROOT/.venv/bin/$1" ]; then echo "$ROOT/.venv/bin/$1"
-  elif command -v "$1" >/dev/null 2>&1; then command -v "$1"
-  elif [ "$dry_run" = 1 ]; then echo "$1"
-  else die "$1 not found: run launch/setup.sh first (it makes .venv)"
-  fi
-}
 horovodrun=$(tool horovodrun)
 train=$(tool adabatch-train)
 

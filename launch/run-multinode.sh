@@ -99,13 +99,6 @@ np=${np:-$total}
 [[ $np =~ ^[1-9][0-9]*$ ]] || die "-np must be a positive integer, got '$np'"
 [ "$np" -le "$total" ] || die "-np $np exceeds the $total slots in '$hosts'"
 
-tool() {
-  if [ -x "$ROOT/.venv/bin/$1" ]; then echo "$ROOT/.venv/bin/$1"
-  elif command -v "$1" >/dev/null 2>&1; then command -v "$1"
-  elif [ "$dry_run" = 1 ]; then echo "$1"
-  else die "$1 not found: run launch/setup.sh first (it makes .venv)"
-  fi
-}
 horovodrun=$(tool horovodrun)
 train=$(tool adabatch-train)
 
