@@ -5,7 +5,12 @@
   (c) trainer overhead against a minimal hand-written Horovod loop
   (d) cost of stage changes: the AdaBatch run against the stage-weighted ideal from (a)
   (e) gradient allreduce calls and bytes per optimizer step in every stage
-  plus a torch.profiler breakdown of where an optimizer step's time goes on this CPU.
+  plus a torch.profiler breakdown of where an optimizer step's time goes on this CPU, and
+  (f) the communication-bound regime: 2 test-cluster hosts on tbf-limited links (benchmarks/commbound.py)
+  (g) the ImageNet data path against the torchvision idiom (benchmarks/datapath.py)
+  (h) the GPU check (benchmarks/gpu_check.sh), or why it did not run
+
+--only f,g,h re-measures just those sections and replaces them in an existing RESULTS.md.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import datetime
 import json
 import os
 import platform
+import re
+import shutil
 import shlex
 import statistics
 import subprocess
@@ -40,13 +47,15 @@ PROFILES = {
         np=2, tp_batches=[32, 64, 128, 256, 512, 1024, 2048, 4096], tp_cap=256, tp_samples=16384, repeats=3,
         rn_batches=[32, 128, 512, 4096], rn_cap=128, rn_samples=4096, rn_repeats=2,
         seeds=[0, 1, 2], acc_epochs=5, acc_samples=None, target=0.88, runs=list(RUNS),
-        oh_batch=128, oh_samples=20000, oh_pairs=2, comm_samples=8192, prof_batches=[128, 2048], prof_steps=10),
+        oh_batch=128, oh_samples=20000, oh_pairs=2, comm_samples=8192, prof_batches=[128, 2048], prof_steps=10,
+        commbound="full", datapath=["--images", 1600, "--rounds", 3, "--epochs", 2]),
     "quick": dict(
         np=2, tp_batches=[32, 512, 4096], tp_cap=256, tp_samples=4096, repeats=1,
         rn_batches=[32, 512], rn_cap=128, rn_samples=512, rn_repeats=1,
         seeds=[0], acc_epochs=5, acc_samples=2048, target=0.70, oh_pairs=1,
         runs=["adabatch", "fixed-small", "fixed-large"],
-        oh_batch=128, oh_samples=4096, comm_samples=2048, prof_batches=[128], prof_steps=3),
+        oh_batch=128, oh_samples=4096, comm_samples=2048, prof_batches=[128], prof_steps=3,
+        commbound="smoke", datapath=["--images", 128, "--rounds", 1, "--epochs", 1, "--serial-images", 32]),
 }
 
 
@@ -122,15 +131,24 @@ def plot_throughput(curves, out):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="the reduced version (about 3 minutes)")
+    ap.add_argument("--quick", action="store_true",
+                    help="the reduced version of every section (several minutes; (f) needs root for the test cluster)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks", help="where RESULTS.md and PNGs go")
     ap.add_argument("--reuse-throughput", action="store_true",
                     help="reuse (a)'s results from an earlier invocation in the same --out (they take ~10 minutes)")
+    ap.add_argument("--only", type=lambda v: v.split(","), default=None, metavar="f,g,h",
+                    help="measure only these of the sections (f) (g) (h) and replace them in OUT/RESULTS.md")
+    ap.add_argument("--commbound-profile", choices=["full", "reduced", "smoke"], default=None,
+                    help="size of section (f) (default: full, smoke with --quick)")
     a = ap.parse_args()
     p = PROFILES["quick" if a.quick else "full"]
     out = a.out.resolve()
     work = out / "runs"
     work.mkdir(parents=True, exist_ok=True)
+    if a.only:
+        splice(out / "RESULTS.md", later_sections(a, p, out, a.only))
+        print(out / "RESULTS.md")
+        return
     log: list = []
     t_start = time.perf_counter()
 
@@ -176,7 +194,59 @@ def main():
 
     write_results(a, p, out, curves, acc, pairs, comm, prof, log,
                   time.perf_counter() - t_start)
+    splice(out / "RESULTS.md", later_sections(a, p, out, ["f", "g", "h"]))
     print(out / "RESULTS.md")
+
+
+def later_sections(a, p, out, which) -> dict:
+    """{heading: markdown} of sections (f) communication-bound, (g) data path, (h) GPU, each measured by
+    its own script (they need a cluster, generated JPEGs, a GPU), with the load average seen."""
+    sections = {}
+    if "f" in which:
+        profile = a.commbound_profile or p["commbound"]
+        cmd = [sys.executable, ROOT / "benchmarks/commbound.py", "--profile", profile, "--out", out]
+        subprocess.run(list(map(str, cmd)), cwd=ROOT, env=env(), check=True)
+        sections["## (f)"] = (out / "commbound.md").read_text()
+    if "g" in which:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        import datapath
+
+        args = [out / "runs" / "datapath.json", *p["datapath"]]
+        command = "python benchmarks/datapath.py OUT.json " + " ".join(map(str, p["datapath"]))
+        subprocess.run([sys.executable, ROOT / "benchmarks/datapath.py", *map(str, args)], cwd=ROOT, env=env(),
+                       check=True)
+        sections["## (g)"] = datapath.markdown(json.loads(Path(args[0]).read_text()), command)
+    if "h" in which:
+        sections["## (h)"] = gpu_section()
+    return sections
+
+
+def gpu_section() -> str:
+    head = "## (h) GPU: the NCCL build and throughput against plain PyTorch"
+    gpus = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout if shutil.which(
+        "nvidia-smi") else ""
+    if "GPU" not in gpus:
+        return (f"{head}\n\nNot run: no NVIDIA GPU is visible on the machine that ran this benchmark "
+                "(`nvidia-smi -L` lists none). On a GPU machine, `benchmarks/gpu_check.sh` builds Horovod with NCCL "
+                "through `launch/setup.sh`, measures resnet20's throughput against global batch on one GPU, and "
+                "compares it at micro-batch 2048 with a plain PyTorch loop on the same GPU (goal >= 0.9); it "
+                "appends its own section here. No GPU figures are reported in this file.\n")
+    return (f"{head}\n\nA GPU is visible ({gpus.strip().splitlines()[0]}): run `benchmarks/gpu_check.sh`, which "
+            "appends its section below (it takes about 10 minutes, most of it building Horovod with NCCL).\n")
+
+
+def splice(path: Path, sections: dict) -> None:
+    """Put each '## (x)' section into RESULTS.md: in place of the old one, or before '## Commands run'."""
+    parts = re.split(r"(?m)^(?=## )", path.read_text() if path.exists() else "")
+    for head, body in sections.items():
+        body = body.rstrip("\n") + "\n\n"
+        at = next((i for i, part in enumerate(parts) if part.startswith(head)), None)
+        if at is None:
+            at = next((i for i, part in enumerate(parts) if part.startswith("## Commands run")), len(parts))
+            parts.insert(at, body)
+        else:
+            parts[at] = body
+    path.write_text("".join(parts))
 
 
 def mean_sd(xs):

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from adabatch_hvd import dist
-from adabatch_hvd.config import Config
+from adabatch_hvd.config import CommConfig, Config
 from adabatch_hvd.trainer import Trainer
 
 
@@ -33,8 +33,14 @@ def make_config(a, batch: int, epochs: int, run_dir: str, mode: str = "fixed") -
     s = cfg.schedule
     s.mode, s.initial_batch, s.epochs, s.max_micro_batch, s.interval = mode, batch, epochs, a.cap, a.interval
     cfg.optim.lr = a.lr
+    cfg.comm = comm_config(a)
     cfg.run.run_dir, cfg.run.quiet, cfg.run.threads = run_dir, True, a.threads
     return cfg
+
+
+def comm_config(a) -> CommConfig:
+    return CommConfig(compression=a.compression, fusion_threshold_mb=a.fusion_mb, cycle_time_ms=a.cycle_ms,
+                      autotune=a.autotune or None)
 
 
 def records(run_dir) -> list:
@@ -60,17 +66,22 @@ def throughput(a) -> dict:
 
 
 def minimal(a) -> dict:
-    """Horovod's PyTorch example loop: shard, forward, backward, DistributedOptimizer step."""
+    """Horovod's PyTorch example loop: shard, forward, backward, DistributedOptimizer step.
+
+    --plain: plain PyTorch instead (torch.optim.SGD, no Horovod), for one process on one device.
+    """
     from adabatch_hvd.data import build_dataset
     from adabatch_hvd.models import build_model
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = build_dataset(a.data, None, True, augment=not a.no_augment, synthetic_samples=a.samples,
                          synthetic_shape=(3, 32, 32))
     torch.manual_seed(0)
-    model = build_model(a.model, data.info)
-    optimizer = dist.distributed_optimizer(torch.optim.SGD(model.parameters(), lr=a.lr, momentum=0.9,
-                                                           weight_decay=5e-4), model)
-    dist.broadcast_state(model, optimizer)
+    model = build_model(a.model, data.info).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=a.lr, momentum=0.9, weight_decay=5e-4)
+    if not a.plain:
+        optimizer = dist.distributed_optimizer(optimizer, model, compression=a.compression)
+        dist.broadcast_state(model, optimizer)
     per_worker = a.batches[0] // dist.size()
     n = a.samples - a.samples % a.batches[0]
     rates = []
@@ -82,11 +93,13 @@ def minimal(a) -> dict:
         t0 = time.perf_counter()
         for x, y in batches:
             optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(model(x), y).backward()
+            torch.nn.functional.cross_entropy(model(x.to(device)), y.to(device)).backward()
             optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         rates.append(n / (time.perf_counter() - t0))
-    return {"model": a.model, "data": a.data, "global_batch": a.batches[0], "samples": n,
-            "samples_per_second": statistics.median(rates[1:]), "repeats": rates[1:]}
+    return {"model": a.model, "data": a.data, "global_batch": a.batches[0], "samples": n, "plain": a.plain,
+            "device": str(device), "samples_per_second": statistics.median(rates[1:]), "repeats": rates[1:]}
 
 
 def comm(a) -> dict:
@@ -191,8 +204,13 @@ def main():
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--compression", default="none")
+    p.add_argument("--fusion-mb", type=float, default=None)
+    p.add_argument("--cycle-ms", type=float, default=None)
+    p.add_argument("--autotune", action="store_true")
+    p.add_argument("--plain", action="store_true", help="minimal: plain PyTorch, no Horovod optimizer")
     a = p.parse_args()
-    dist.init(a.threads)
+    dist.init(a.threads, comm_config(a).horovod_env())
     result = {"throughput": throughput, "minimal": minimal, "comm": comm, "profile": profile}[a.mode](a)
     if dist.is_main():
         result["world_size"] = dist.size()

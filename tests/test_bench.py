@@ -1,4 +1,6 @@
-"""`make bench-quick` runs end to end, so the benchmark harness can't rot (figures are not asserted)."""
+"""`make bench-quick` runs end to end, so the benchmark harness can't rot (figures are not asserted).
+
+It includes section (f) on a 2-host test cluster (tests/cluster.py: root, network namespaces, sshd)."""
 
 import re
 import subprocess
@@ -9,13 +11,26 @@ from conftest import ROOT, hvd_env
 
 def test_bench_quick_writes_every_section(tmp_path):
     proc = subprocess.run([sys.executable, "benchmarks/bench.py", "--quick", "--out", str(tmp_path)], cwd=ROOT,
-                          env=hvd_env(), capture_output=True, text=True, timeout=900)
+                          env=hvd_env(), capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     text = (tmp_path / "RESULTS.md").read_text()
-    for heading in ["## (a) Throughput", "## (b) Accuracy", "## (c) Overhead", "## (d) Cost of stage changes",
-                    "## (e) Communication", "## Where the time goes", "## Commands run"]:
-        assert heading in text, heading
-    assert (tmp_path / "throughput.png").stat().st_size > 10_000 and (tmp_path / "accuracy.png").stat().st_size > 10_000
+    headings = ["## (a) Throughput", "## (b) Accuracy", "## (c) Overhead", "## (d) Cost of stage changes",
+                "## (e) Communication", "## Where the time goes", "## (f) Communication-bound", "## (g) The ImageNet",
+                "## (h) GPU", "## Commands run"]
+    at = [text.find(h) for h in headings]
+    assert -1 not in at and at == sorted(at), dict(zip(headings, at))
+    for png in ("throughput.png", "accuracy.png", "comm_throughput.png"):
+        assert (tmp_path / png).stat().st_size > 10_000, png
+    # (f) ran on the 2-host test cluster at both links of the smoke profile, through the product's launcher
+    f = text.split("## (f)")[1].split("\n## ")[0]
+    assert "| unlimited |" in f and "| 100mbit |" in f and "Mbit/s" in f
+    assert "node1$ launch/run-multinode.sh -H node1:1,node2:1" in f
+    assert "**Reduced run** (`--profile smoke`)" in f  # a reduced run says so
+    assert "fp16 [413844]" in f and "none [827688]" in f  # fp16 halves the bytes per step
+    g = text.split("## (g)")[1].split("\n## ")[0]
+    assert "Median ratio project / torchvision: **" in g
+    h = text.split("## (h)")[1].split("\n## ")[0]
+    assert "Not run: no NVIDIA GPU" in h or "A GPU is visible" in h
     # every AdaBatch stage did exactly one allreduce per parameter tensor per optimizer step
     comm = text.split("## (e) Communication")[1].split("##")[0]
     tensors = int(re.search(r"fmnist_cnn, (\d+) parameter tensors", comm).group(1))
