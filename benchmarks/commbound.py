@@ -43,8 +43,8 @@ PROFILES = {
                  warmups=[1, 2, 3], warmup_lrs=[0.05, 0.025, 0.0125], knob_batches=[128, 1024], knob_samples=8192,
                  knobs=None),
     "reduced": dict(bandwidths=["unlimited", "1gbit", "100mbit"], batches=[32, 128, 512, 2048], cap=256,
-                    tp_samples=4096, repeats=1, seeds=[0], acc_samples=None, target=0.88,
-                    warmups=[1, 2, 3], warmup_lrs=[0.05, 0.025], knob_batches=[128], knob_samples=4096,
+                    tp_samples=4096, repeats=1, seeds=[0], acc_samples=12000, test_samples=2000, target=0.85,
+                    warmups=[1, 2, 3], warmup_lrs=[0.025], knob_batches=[128], knob_samples=4096,
                     knobs=None),
     "smoke": dict(bandwidths=["unlimited", "100mbit"], batches=[64, 512], cap=256, tp_samples=1024, repeats=1,
                   seeds=[0], acc_samples=2048, target=0.5, warmups=[1], warmup_lrs=[0.025], knob_batches=[128],
@@ -200,7 +200,8 @@ def measure(name: str, out: Path, r: Runner) -> dict:
 
     # One host, two processes: AdaBatch and the fixed-large warmup grid (Goyal et al.).
     grid = [(lr, w) for lr in p["warmup_lrs"] for w in p["warmups"]]
-    extra = ["--epochs", 5] + (["--train-samples", p["acc_samples"], "--test-samples", 1000] if p["acc_samples"] else [])
+    extra = ["--epochs", 5] + (["--train-samples", p["acc_samples"], "--test-samples", p.get("test_samples", 1000)]
+                               if p["acc_samples"] else [])
     res["one_host"] = {"adabatch": [r.train(work / f"host-adabatch-s{s}", [*RUNS["adabatch"], *extra, "--seed", s])
                                     for s in p["seeds"]]}
     res["grid"] = []
