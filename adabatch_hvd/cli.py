@@ -1,30 +1,26 @@
 """Command-line entry points: adabatch-train (python -m adabatch_hvd) and adabatch-plan.
 
 A mistake in the input ends with one line on stderr and exit code 2; a NaN/Inf loss with exit
-code 3; anything else is a bug and keeps its traceback.
+code 3; a full disk with exit code 4; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
 
 from . import config, sampler
-from .errors import UserError
+from .errors import DiskFull, OneLineParser, UserError
 
 # Training-set sizes, so that adabatch-plan works without the data on disk.
 TRAIN_SIZES = {"fashion-mnist": 60000, "cifar10": 50000, "cifar100": 50000, "imagenet": 1281167}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse would print the whole usage first)
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", "-c", metavar="FILE.yaml", help="YAML config; flags below override it")
     config.add_arguments(p)
     return p
@@ -56,6 +52,7 @@ def train_main(argv=None) -> int:
     """adabatch-train: run (or resume) an AdaBatch training job on every Horovod rank."""
     args = _parser("adabatch-train", "Train with AdaBatch adaptive batch sizes on Horovod.").parse_args(argv)
     prog = "adabatch-train"
+    cfg = None
     try:
         cfg = config.from_args(args.config, _overrides(args))
         config.build_schedule(cfg)  # schedule errors before Horovod starts
@@ -72,6 +69,12 @@ def train_main(argv=None) -> int:
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if not isinstance(e, DiskFull) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        full = e if isinstance(e, DiskFull) else DiskFull(e.filename or (cfg.run.run_dir if cfg else "."))
+        print(f"{prog}: error: {full}", file=sys.stderr)
+        return 4
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

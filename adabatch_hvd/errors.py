@@ -1,14 +1,57 @@
-"""The one exception type for mistakes a user can fix (bad config, missing data, bad resume).
+"""The exception types for what a user can fix: mistakes in the input, and a full disk.
 
-The CLI turns it into a single line on stderr and exit code 2; anything else is a bug and
-keeps its traceback.
+The CLI turns `UserError` into a single line on stderr and exit code 2, and `DiskFull` into one
+line naming the device and exit code 4; anything else is a bug and keeps its traceback.
 """
 
+import argparse
 import difflib
+import os
 
 
 class UserError(ValueError):
     """A problem with the user's input; the message says what is wrong and how to fix it."""
+
+
+class DiskFull(OSError):
+    """Writing `path` failed for lack of space (or quota) on its file system."""
+
+    def __init__(self, path):
+        super().__init__(f"no space left on {device_of(path)} while writing {path}; free some space there "
+                         f"(or move the run dir elsewhere) and resume; the last checkpoint written is kept")
+        self.path = path
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake in one line and exit code 2 (not the whole usage)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def device_of(path) -> str:
+    """'DEVICE (mounted on MOUNT)' for the file system holding `path`, from /proc/self/mountinfo."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and path != os.path.dirname(path):
+        path = os.path.dirname(path)
+    try:
+        dev = os.stat(path).st_dev
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                major, minor = fields[2].split(":")
+                if os.makedev(int(major), int(minor)) == dev:
+                    source = fields[fields.index("-") + 2]
+                    return f"device {source} (mounted on {fields[4]})"
+    except (OSError, ValueError, IndexError):
+        pass
+    return f"the device holding {path}"
+
+
+def one_line(e: BaseException, limit: int = 200) -> str:
+    """'Type: first sentence of the message', short enough for a one-line error."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0].split('. ')[0] if text else ''}"[:limit]
 
 
 def suggest(name: str, choices) -> str:

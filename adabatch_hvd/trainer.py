@@ -12,14 +12,13 @@ import itertools
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from . import checkpoint, dist, sampler
+from . import checkpoint, dist, rundir, sampler
 from .accumulation import Accumulator
 from .config import Config, build_schedule, dump_yaml, to_dict
 from .data import build_dataset
@@ -125,6 +124,7 @@ class Trainer:
         self.optimizer = dist.distributed_optimizer(base, self.model, compression=cfg.comm.compression)
         self.acc = Accumulator(self.model, self.optimizer, dist.size())
         self.state = TrainState()
+        self.resumed_from = None  # pruning keeps it for as long as this process runs
         self.monitor, self.log_file = None, None
         self.started = False  # set by the first sync(): the run dir is agreed on and the position known
         self.elastic = dist.ElasticState(self) if cfg.run.elastic else None
@@ -175,7 +175,7 @@ class Trainer:
         root = started.index(True) if True in started else 0
         fresh = not started[root]
         if fresh:
-            _agree(lambda: _check_run_dir(self.run_dir, cfg.run.resume) if self.main else None)
+            _agree(lambda: rundir.check(self.run_dir, cfg.run.resume) if self.main else None)
             self._open_files(monitor=False)  # the resume is logged to train.log too
             if cfg.run.resume:
                 self._resume(cfg.run.resume)
@@ -403,7 +403,7 @@ class Trainer:
         if self.main:
             state = self.state_dict()
             state["rng"] = rng
-            path = checkpoint.save(state, self.ckpt_dir, self.cfg.checkpoint.keep)
+            path = checkpoint.save(state, self.ckpt_dir, self.cfg.checkpoint.keep, protect=self.resumed_from)
             log.info("checkpoint %s (epoch %d, offset %d)", path, st.epoch, st.offset)
 
     def _resume(self, target) -> None:
@@ -430,7 +430,10 @@ class Trainer:
             raise UserError(f"checkpoint {path} does not fit model '{self.cfg.model.name}': "
                             f"{str(e).splitlines()[0]}") from None
         self.optimizer.load_state_dict(state["optimizer"])
-        _truncate_metrics(self.run_dir / "metrics.jsonl", state["epoch"])
+        rundir.truncate_metrics(self.run_dir / "metrics.jsonl", state["epoch"])
+        if path.parent.resolve() == self.ckpt_dir.resolve():
+            checkpoint.make_current(path)
+        self.resumed_from = path
         log.info("resuming from %s: epoch %d, sample offset %d, step %d (saved with world size %d)", path,
                  state["epoch"], state["offset"], state["global_step"], state["world_size"])
         return state
@@ -438,22 +441,9 @@ class Trainer:
 
 def _write_record(path: Path, record: dict) -> None:
     """Append an epoch's record, replacing one of the same epoch (written before an elastic reset)."""
-    _truncate_metrics(path, record["epoch"])
+    rundir.truncate_metrics(path, record["epoch"])
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
-
-
-def _truncate_metrics(path: Path, epoch: int) -> None:
-    """Drop records of epochs at or after the resume point (a crash can land between an epoch's
-    record and its checkpoint), so the resumed run appends each epoch exactly once."""
-    if not path.exists():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    keep = [line for line in lines if line.strip() and json.loads(line)["epoch"] < epoch]
-    if keep != lines:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(keep))
-        os.replace(tmp, path)
 
 
 def _agree(fn):
@@ -480,16 +470,3 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def _check_run_dir(run_dir: Path, resume) -> None:
-    """The run dir must be writable, and a fresh run must not mix into an earlier run's files."""
-    if not resume and ((run_dir / "metrics.jsonl").exists() or checkpoint.latest(run_dir / "checkpoints")):
-        raise UserError(f"run dir {run_dir} already holds a run (metrics.jsonl, checkpoints/); pass --resume "
-                        f"to continue it, or choose a new --run-dir")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create run dir {run_dir}: {e.strerror}") from None
-    if not os.access(run_dir, os.W_OK | os.X_OK):
-        raise UserError(f"run dir {run_dir} is not writable; choose another run.run_dir")

@@ -163,9 +163,9 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
     newest.write_bytes(newest.read_bytes()[:100])  # truncated, as by a crash mid-copy
     state, path = checkpoint.load("latest", tmp_path)
     assert state["global_step"] == 10 and path.name == checkpoint.checkpoint_name(1, 10)
-    assert "unreadable" in caplog.text and newest.name in caplog.text
+    assert "unusable" in caplog.text and newest.name in caplog.text
     with pytest.raises(UserError, match="cannot load checkpoint"):
-        checkpoint.load(newest)  # an explicit path must be readable
+        checkpoint.load(newest.with_name(newest.name + ".bad"))  # an explicit path must be readable
     for step in (30, 40, 50, 60):
         checkpoint.save({"epoch": 2, "global_step": step}, tmp_path, keep=3)
     assert [checkpoint.position(p) for p in checkpoint.list_checkpoints(tmp_path)] == [(2, 60), (2, 50), (2, 40)]
@@ -191,7 +191,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     ok = subprocess.run([sys.executable, "-m", "adabatch_hvd", *map(str, tiny), "--epochs", "1"], cwd=ROOT,
                         env=hvd_env(), capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr[-3000:]
-    saved = {p: p.read_bytes() for p in (tmp_path / "checkpoints").iterdir()}
+    saved = {p: p.read_bytes() for p in (tmp_path / "checkpoints").glob("*.pt")}
     bad = subprocess.run([sys.executable, "-m", "adabatch_hvd", *map(str, tiny), "--epochs", "3", "--lr", "1e30",
                           "--resume", "--every-steps", "1"], cwd=ROOT, env=hvd_env(), capture_output=True, text=True,
                          timeout=300)
