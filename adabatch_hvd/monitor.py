@@ -90,7 +90,8 @@ class Monitor:
     def wait_share(self) -> float:
         return self.sync_seconds / self.step_seconds if self.step_seconds > 0 else 0.0
 
-    def epoch(self, record: dict) -> None:
+    def epoch(self, record: dict, tensorboard: bool = True) -> None:
+        """An epoch's record: a log line and (unless it is already there) its TensorBoard scalars."""
         if self.bar is not None:
             self.bar.close()
             self.bar = None
@@ -101,7 +102,7 @@ class Monitor:
                  record["test_loss"], record["test_acc"], record["global_batch"], record["accum_steps"],
                  record["micro_batch"], record["lr"], record["epoch_seconds"], record["samples_per_second"] or 0)
         for tag, key in EPOCH_SCALARS.items():
-            if record.get(key) is not None:
+            if tensorboard and record.get(key) is not None:
                 self.writer.add_scalar(tag, record[key], record["epoch"])
         self.writer.flush()
 

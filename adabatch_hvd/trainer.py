@@ -355,10 +355,14 @@ class Trainer:
 
     def _publish_epoch(self) -> None:
         """Write the finished epoch's record and checkpoint; repeating it after a reset is harmless."""
-        st = self.state
+        st, path = self.state, self.run_dir / "metrics.jsonl"
+        # A failure right after the epoch's commit rolls back to a state that publishes the record again.
+        # metrics.jsonl is written after TensorBoard, so a record there is in TensorBoard too (also when
+        # the rank 0 that wrote it is gone): no second point.
+        done = self.main and json.loads(json.dumps(st.last_record)) in rundir.read_metrics(path)
+        self.monitor.epoch(st.last_record, tensorboard=not done)
         if self.main:
-            _write_record(self.run_dir / "metrics.jsonl", st.last_record)
-        self.monitor.epoch(st.last_record)
+            _write_record(path, st.last_record)
         st.record_pending = False
         self._save()
 

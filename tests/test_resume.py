@@ -225,3 +225,39 @@ def test_killed_worker_ends_the_job_without_hanging(tmp_path):
     assert not processes_with(str(run))  # no rank left behind
     state, _ = checkpoint.load("latest", run / "checkpoints")  # the newest checkpoint is intact
     assert state["global_step"] > 0
+
+
+def test_an_epoch_record_published_again_adds_no_tensorboard_point(tmp_path):
+    """An elastic rollback to the commit at an epoch's end publishes that epoch's record again, maybe
+    from a new rank 0: metrics.jsonl keeps one record and TensorBoard one point per epoch."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    script = f"""
+import sys
+from adabatch_hvd import cli, config, dist
+from adabatch_hvd.trainer import Trainer
+args = cli._parser("t", "t").parse_args(sys.argv[1:])
+cfg = config.from_args(args.config, cli._overrides(args))
+dist.init(1)
+t = Trainer(cfg)
+t.fit()
+for change in (None, "world_size"):  # the same record again, then one that differs (another timeline)
+    if change:
+        t.state.last_record[change] += 1
+    t._open_files()
+    t.state.record_pending = True
+    t._publish_epoch()
+    t._close_files()
+"""
+    args = ["--config", "configs/fashion_mnist.yaml", "--model.name", "mlp", "--train-samples", "200",
+            "--test-samples", "100", "--epochs", "2", "--initial-batch", "50", "--quiet", "true"]
+    proc = subprocess.run([sys.executable, "-c", script, *args, "--run-dir", str(run)], cwd=ROOT, env=hvd_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [(r["epoch"], r["world_size"]) for r in records(run)] == [(0, 1), (1, 2)]  # replaced, not appended
+    acc = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    # the repeat added nothing; the changed record is a second point at epoch 1, written last
+    assert [(e.step, e.value) for e in acc.Scalars("world_size")] == [(0, 1), (1, 1), (1, 2)]
+    assert [e.step for e in acc.Scalars("train/loss")] == [0, 1, 1]
