@@ -6,6 +6,11 @@ micro-batch's mean loss is scaled by n_micro * world / step_size: summed over mi
 averaged over ranks, the update is then exactly the gradient of the mean loss over the step's
 global batch, also for a short last step or ranks with unequal shares.
 BatchNorm breaks this exactness: it normalizes each micro-batch, not the global batch.
+
+With `oom_guard` (schedule.max_micro_batch = auto on CUDA), a CUDA out-of-memory error on any rank
+makes every rank drop the step: the allreduces some ranks already started are completed and thrown
+away, nothing is updated, and the caller redoes the step with smaller micro-batches. The update
+does not depend on the split, so the redone step is the one that would have been taken.
 """
 
 from __future__ import annotations
@@ -15,17 +20,21 @@ from typing import Callable, Iterable, Tuple
 
 import torch
 
+from . import dist
+
 
 class Accumulator:
     """Runs optimizer steps made of micro-batches; owns the optimizer's backward_passes_per_step."""
 
-    def __init__(self, model: torch.nn.Module, optimizer, world_size: int, loss_fn: Callable = None):
+    def __init__(self, model: torch.nn.Module, optimizer, world_size: int, loss_fn: Callable = None,
+                 oom_guard: bool = False):
         self.model = model
         self.optimizer = optimizer  # a horovod DistributedOptimizer (or a plain one for size 1)
         self.world_size = world_size
         self.loss_fn = loss_fn or torch.nn.functional.cross_entropy
         self.passes = getattr(optimizer, "backward_passes_per_step", 1)
         self.sync_seconds = 0.0  # time of the last optimizer.step(): waiting for the allreduces
+        self.oom_guard = oom_guard  # agree on out-of-memory errors after the backward passes (one small allreduce)
 
     def set_passes(self, passes: int) -> None:
         """Change k; only called between steps, where Horovod's counters may be reset."""
@@ -37,10 +46,31 @@ class Accumulator:
         """Forward/backward every micro-batch of this rank, then one optimizer step.
 
         Returns (loss_sum, correct, count) over this rank's samples; the first two stay detached
-        tensors on the model's device (no .item() per micro-step, which would sync a GPU).
+        tensors on the model's device (no .item() per micro-step, which would sync a GPU). Returns
+        None, on every rank, when a rank ran out of memory under `oom_guard`: nothing was updated.
         """
         self.set_passes(passes)
         self.model.train()
+        out_of_memory = False
+        try:
+            loss_sum, correct, count = self._backward(micro_batches, step_size)
+        except torch.cuda.OutOfMemoryError:
+            if not self.oom_guard:
+                raise
+            out_of_memory = True
+        if self.oom_guard and dist.allreduce_sum(torch.tensor([float(out_of_memory)]), name="out_of_memory").item():
+            dist.discard_gradients(self.optimizer)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return None
+        t0 = time.perf_counter()
+        self.optimizer.step()
+        self.sync_seconds = time.perf_counter() - t0
+        self.optimizer.zero_grad()
+        return loss_sum, correct, count
+
+    def _backward(self, micro_batches, step_size: int):
+        # A function of its own, so that an exception frees the micro-batch's activations with its frame.
         loss_sum, correct, count = 0.0, 0, 0
         for x, y in micro_batches:
             out = self.model(x)
@@ -53,8 +83,4 @@ class Accumulator:
             # A rank with no samples in this step (a tiny tail after a world-size change) still
             # has to join every allreduce: contribute zero gradients.
             (sum(p.sum() for p in self.model.parameters()) * 0.0).backward()
-        t0 = time.perf_counter()
-        self.optimizer.step()
-        self.sync_seconds = time.perf_counter() - t0
-        self.optimizer.zero_grad()
         return loss_sum, correct, count

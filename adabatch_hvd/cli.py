@@ -92,8 +92,9 @@ def plan_table(cfg: config.Config, world_size: int, num_samples: int) -> str:
             rows[-1][1][1] = p.epoch
             continue
         steps = len(sampler.steps(num_samples, p.global_batch, world_size))
-        rows.append([p.stage, [p.epoch, p.epoch], p.global_batch, p.per_worker_batch, p.micro_batch,
-                     p.accum_steps, f"{p.lr:.5g}", steps])
+        auto = cfg.schedule.max_micro_batch == "auto"  # chosen while training
+        rows.append([p.stage, [p.epoch, p.epoch], p.global_batch, p.per_worker_batch, "auto" if auto else p.micro_batch,
+                     "auto" if auto else p.accum_steps, f"{p.lr:.5g}", steps])
     cells = [[str(r[0]), f"{r[1][0]}-{r[1][1]}", *map(str, r[2:])] for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
     fmt = "  ".join(f"{{:>{w}}}" for w in widths)

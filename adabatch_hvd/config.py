@@ -11,7 +11,7 @@ import dataclasses
 import math
 import typing
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import yaml
 
@@ -93,7 +93,14 @@ class ScheduleConfig:
     warmup_epochs: float = _f(0.0, "linear LR warmup length in epochs (Goyal et al.); 0 = off")
     warmup_start_factor: float = _f(0.1, "warmup starts at this fraction of the LR")
     reference_batch: Optional[int] = _f(None, "if set, optim.lr is the LR per this many samples (e.g. 256)")
-    max_micro_batch: Optional[int] = _f(None, "per-worker memory cap: larger per-worker batches are accumulated")
+    max_micro_batch: Optional[Union[int, str]] = _f(
+        None, "per-worker memory cap: larger per-worker batches are accumulated; 'auto' times a few divisors of "
+              "the per-worker batch at the start of each stage and keeps the fastest that fits (on CUDA an "
+              "out-of-memory error halves it and redoes the step)", metavar="N|auto")
+
+    def __post_init__(self):
+        if isinstance(self.max_micro_batch, str) and self.max_micro_batch != "auto":
+            raise UserError(f"schedule.max_micro_batch must be a number > 0 or 'auto', got '{self.max_micro_batch}'")
 
 
 COMPRESSIONS = ("none", "fp16")
@@ -197,10 +204,16 @@ def _convert(value, tp, key: str):
     """Coerce a YAML or command-line value to the field's annotated type."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if origin is typing.Union and type(None) in args:
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+    if origin is typing.Union:
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("none", "null", ""))):
             return None
-        return _convert(value, next(a for a in args if a is not type(None)), key)
+        options = [a for a in args if a is not type(None)]
+        for option in options[:-1]:  # e.g. Union[int, str]: a number if it is one, else the word
+            try:
+                return _convert(value, option, key)
+            except UserError:
+                pass
+        return _convert(value, options[-1], key)
     if origin in (list, List):
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()]
@@ -310,7 +323,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if counts[f.name] == 1:
             names.append("--" + f.name.replace("_", "-"))
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kwargs = dict(dest=f"{section}.{f.name}", default=argparse.SUPPRESS, metavar=_metavar(tp),
+        kwargs = dict(dest=f"{section}.{f.name}", default=argparse.SUPPRESS,
+                      metavar=f.metadata.get("metavar") or _metavar(tp),
                       help=f"{f.metadata['help']} (default: {default})")
         if f.name == "resume":
             kwargs.update(nargs="?", const="latest")

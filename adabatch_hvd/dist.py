@@ -129,6 +129,18 @@ def run_elastic(func, state: ElasticState):
     return hvd.elastic.run(func)(state)
 
 
+def discard_gradients(optimizer) -> None:
+    """Complete the allreduces a failed step started, then drop the step's gradients on this rank.
+
+    Horovod's synchronize() also submits the gradients this rank never reached, so ranks that
+    finished their backward passes are not left waiting for them.
+    """
+    if hasattr(optimizer, "synchronize"):
+        optimizer.synchronize()
+        optimizer._synchronized = False  # Horovod 0.28.1: else the next step() warns about a double synchronize
+    optimizer.zero_grad()
+
+
 def barrier() -> None:
     hvd.barrier()
 

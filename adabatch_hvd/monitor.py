@@ -59,12 +59,25 @@ class Monitor:
     def stage(self, plan, previous) -> None:
         if not self.main or (previous is not None and previous.stage == plan.stage):
             return
+        split = ("micro-batch auto" if self.cfg.schedule.max_micro_batch == "auto"
+                 else f"{plan.accum_steps} x {plan.micro_batch}")
         text = (f"stage {plan.stage} from epoch {plan.epoch}: global batch {plan.global_batch} "
-                f"({plan.per_worker_batch}/worker = {plan.accum_steps} x {plan.micro_batch}), lr {plan.lr:.5g}")
+                f"({plan.per_worker_batch}/worker = {split}), lr {plan.lr:.5g}")
         if previous is not None:
             text += f" (was global batch {previous.global_batch}, lr {previous.lr:.5g})"
         log.info(text)
         self.writer.add_text("stage", text, plan.epoch)
+
+    def micro_batch_choice(self, plan, seconds_per_sample: dict, chosen: int) -> None:
+        """schedule.max_micro_batch=auto timed its candidates (slowest rank's seconds per sample)."""
+        if not self.main:
+            return
+        tried = ", ".join(f"{m} (x{plan.per_worker_batch // m}) {1e6 * s:.0f} us/sample"
+                          for m, s in seconds_per_sample.items())
+        text = f"stage {plan.stage}: micro-batch auto: tried {tried}; chose {chosen}"
+        log.info(text)
+        self.writer.add_text("micro_batch", text, plan.epoch)
+        self.writer.add_scalar("batch/micro_auto", chosen, plan.epoch)
 
     def epoch_start(self, plan, samples: int) -> None:
         self.step_seconds = self.sync_seconds = 0.0

@@ -152,11 +152,14 @@ class Schedule:
         return lr
 
     # ---- per-worker resolution -----------------------------------------------------------
-    def resolve(self, epoch: int, world_size: int, max_micro_batch: Optional[int] = None,
-                even: bool = True) -> EpochPlan:
+    def resolve(self, epoch: int, world_size: int, max_micro_batch=None, even: bool = True) -> EpochPlan:
         """The epoch's numbers for a world size. With even=False (elastic runs, where the world size is
         not chosen by the user) a world size that does not divide the global batch gets shares that
-        differ by one sample; per_worker_batch is then the largest share."""
+        differ by one sample; per_worker_batch is then the largest share. max_micro_batch None or "auto"
+        gives one micro-batch per worker (with "auto" the trainer picks the split while training, see
+        microbatch.py)."""
+        if max_micro_batch == "auto":
+            max_micro_batch = None
         if world_size <= 0:
             raise UserError(f"world size must be > 0, got {world_size}")
         if max_micro_batch is not None and max_micro_batch <= 0:
@@ -187,7 +190,7 @@ class Schedule:
             lr=self.lr_at(epoch),
         )
 
-    def plan(self, world_size: int, max_micro_batch: Optional[int] = None, even: bool = True) -> list:
+    def plan(self, world_size: int, max_micro_batch=None, even: bool = True) -> list:
         """Every epoch resolved; raises on the first impossible one, before anything trains."""
         return [self.resolve(e, world_size, max_micro_batch, even) for e in range(self.epochs)]
 

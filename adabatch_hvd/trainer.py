@@ -23,6 +23,7 @@ from .accumulation import Accumulator
 from .config import Config, build_schedule, dump_yaml, to_dict
 from .data import build_dataset
 from .errors import UserError
+from .microbatch import MicroBatchTuner
 from .models import build_model, has_batchnorm
 from .monitor import Monitor
 
@@ -71,12 +72,15 @@ class TrainState:
     resizes: list = field(default_factory=list)  # this epoch's world-size changes
     last_record: dict | None = None  # the last finished epoch's metrics
     record_pending: bool = False  # last_record is not written out yet (an elastic reset came first)
+    micro: MicroBatchTuner = field(default_factory=MicroBatchTuner)
+    """schedule.max_micro_batch=auto: the micro-batch chosen per stage (a resume does not probe again)"""
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "offset": self.offset, "global_step": self.global_step,
                 "partial_sums": self.partial.clone(), "partial_seconds": self.partial_seconds,
                 "world_size": self.world_size, "resizes": copy.deepcopy(self.resizes),
-                "last_record": copy.deepcopy(self.last_record), "record_pending": self.record_pending}
+                "last_record": copy.deepcopy(self.last_record), "record_pending": self.record_pending,
+                "micro_batch": self.micro.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.offset, self.global_step = state["epoch"], state["offset"], state["global_step"]
@@ -87,6 +91,7 @@ class TrainState:
         self.resizes = copy.deepcopy(state.get("resizes", []))  # .get: checkpoints of earlier versions
         self.last_record = copy.deepcopy(state.get("last_record"))
         self.record_pending = state.get("record_pending", False)
+        self.micro.load_state_dict(state.get("micro_batch", {}))
 
 
 class Trainer:
@@ -122,7 +127,10 @@ class Trainer:
         base = torch.optim.SGD(self.model.parameters(), lr=self.schedule.lr_at(0), momentum=o.momentum,
                                weight_decay=o.weight_decay, nesterov=o.nesterov)
         self.optimizer = dist.distributed_optimizer(base, self.model, compression=cfg.comm.compression)
-        self.acc = Accumulator(self.model, self.optimizer, dist.size())
+        self.auto_micro = cfg.schedule.max_micro_batch == "auto"
+        # On CUDA, auto also survives out-of-memory errors: the ranks agree on them after each step's passes.
+        self.acc = Accumulator(self.model, self.optimizer, dist.size(),
+                               oom_guard=self.auto_micro and self.device.type == "cuda")
         self.state = TrainState()
         self.resumed_from = None  # pruning keeps it for as long as this process runs
         self.monitor, self.log_file = None, None
@@ -186,7 +194,7 @@ class Trainer:
             self.bind_world()
         if fresh and self.main:
             (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
-            if has_batchnorm(self.model) and any(p.accum_steps > 1 for p in self.plans):
+            if has_batchnorm(self.model) and (self.auto_micro or any(p.accum_steps > 1 for p in self.plans)):
                 log.warning("%s has BatchNorm: with gradient accumulation it normalizes each micro-batch, "
                             "not the global batch, so accumulated updates are not exactly the large-batch "
                             "ones", cfg.model.name)
@@ -262,21 +270,17 @@ class Trainer:
 
     def _train_epoch(self, plan, steps_this_process):
         cfg, n, st = self.cfg, self.n_train, self.state
-        order = sampler.permutation(n, cfg.run.seed, st.epoch)
-        steps = sampler.steps(n, plan.global_batch, self.world, st.offset)
-        shares = [sampler.micro_batches(sampler.rank_slice(s, self.world, self.rank), plan.micro_batch) for s in steps]
-        batches = self.train_set.iterate([[order[i] for i in m] for share in shares for m in share], st.epoch,
-                                         cfg.data.workers)
         t0 = time.perf_counter()
         self.monitor.epoch_start(plan, n - st.offset)
         local = torch.zeros(4, dtype=torch.float64)
-        for step, share in zip(steps, shares):
+        for step, size, samples, micro in self._steps(plan):
             self._set_lr(self.schedule.lr_at(st.epoch + step.start / n))
-            micro = ((x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
-                     for x, y in itertools.islice(batches, len(share)))
             t_step = time.perf_counter()
-            loss_sum, correct, count = self.acc.step(micro, step.size, sampler.passes_per_step(step, self.world,
-                                                                                                  plan.micro_batch))
+            result = self.acc.step(micro, step.size, sampler.passes_per_step(step, self.world, size))
+            if result is None:  # a rank ran out of memory; nothing was updated: redo the step smaller
+                self._out_of_memory(plan, size)
+                continue
+            loss_sum, correct, count = result
             step_loss = float(loss_sum) / max(count, 1)
             if not math.isfinite(step_loss):
                 lr = self.optimizer.param_groups[0]["lr"]
@@ -284,11 +288,13 @@ class Trainer:
                                     f"(lr {lr:.4g}, global batch {plan.global_batch}); lower the learning rate "
                                     f"(optim.lr={cfg.optim.lr}) or lengthen the warmup; the last good checkpoint "
                                     f"in {self.ckpt_dir} is kept")
-            digest = sampler.sample_digest((order[i] for m in share for i in m), st.epoch)
+            digest = sampler.sample_digest(samples, st.epoch)
             local += torch.tensor([float(loss_sum), float(correct), float(count), digest], dtype=torch.float64)
             st.offset, st.global_step = step.start + step.size, st.global_step + 1
             steps_this_process += 1
             self.monitor.step(step.size, step_loss, time.perf_counter() - t_step, self.acc.sync_seconds)
+            if self.auto_micro and st.micro.probing and st.micro.record((time.perf_counter() - t_step) / step.size):
+                self._choose_micro_batch(plan)
             if self.resize is not None:
                 self._report_resize()
             save = cfg.checkpoint.every_steps and st.global_step % cfg.checkpoint.every_steps == 0
@@ -307,6 +313,40 @@ class Trainer:
                 return False, steps_this_process
         self._fold(local, time.perf_counter() - t0)
         return True, steps_this_process
+
+    def _micro_batch(self, plan) -> int:
+        return self.state.micro.size(plan.stage, plan.per_worker_batch) if self.auto_micro else plan.micro_batch
+
+    def _steps(self, plan):
+        """The epoch's remaining steps, each with its micro-batch size, this rank's sample ids and its
+        micro-batches (loaded lazily). When the size changes, or a step is to be redone, the rest is split anew."""
+        n, st = self.n_train, self.state
+        order = sampler.permutation(n, self.cfg.run.seed, st.epoch)
+        while st.offset < n:
+            size = self._micro_batch(plan)
+            steps = sampler.steps(n, plan.global_batch, self.world, st.offset)
+            shares = [sampler.micro_batches(sampler.rank_slice(s, self.world, self.rank), size) for s in steps]
+            batches = self.train_set.iterate([[order[i] for i in m] for share in shares for m in share], st.epoch,
+                                             self.cfg.data.workers)
+            for step, share in zip(steps, shares):
+                yield step, size, [order[i] for m in share for i in m], (
+                    (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+                    for x, y in itertools.islice(batches, len(share)))
+                if st.offset != step.start + step.size or self._micro_batch(plan) != size:
+                    break
+
+    def _choose_micro_batch(self, plan) -> None:
+        """Every candidate of the stage has been timed: rank 0 picks from all ranks' timings, all keep it."""
+        slowest = MicroBatchTuner.slowest(dist.allgather_object(self.state.micro.timings(), name="micro_batch_timings"))
+        size = dist.broadcast_object(MicroBatchTuner.decide(slowest) if self.main else None, name="micro_batch_choice")
+        self.state.micro.choose(size, slowest)
+        self.monitor.micro_batch_choice(plan, slowest, size)
+
+    def _out_of_memory(self, plan, size: int) -> None:
+        smaller = self.state.micro.out_of_memory(plan.stage, plan.per_worker_batch, size)
+        if self.main:
+            log.warning("out of memory at micro-batch %d (stage %d, %d per worker): the step is redone with "
+                        "micro-batch %d", size, plan.stage, plan.per_worker_batch, smaller)
 
     def _fold(self, local, seconds):
         """Add this rank's running sums into the globally reduced epoch totals."""
@@ -331,8 +371,9 @@ class Trainer:
         seconds = st.partial_seconds
         record = {
             "epoch": st.epoch, "stage": plan.stage, "global_batch": plan.global_batch,
-            "per_worker_batch": plan.per_worker_batch, "micro_batch": plan.micro_batch,
-            "accum_steps": plan.accum_steps, "lr": plan.lr,
+            "per_worker_batch": plan.per_worker_batch, "micro_batch": self._micro_batch(plan),
+            "accum_steps": -(-plan.per_worker_batch // self._micro_batch(plan)) if self.auto_micro else plan.accum_steps,
+            "lr": plan.lr,
             "train_loss": loss_sum / count, "train_acc": correct / count,
             "test_loss": test_loss, "test_acc": test_acc,
             "epoch_seconds": seconds, "samples_per_second": count / seconds if seconds > 0 else None,
@@ -344,6 +385,9 @@ class Trainer:
         if (int(count), int(digest)) != (self.n_train, expected) and self.main:
             log.error("epoch %d used %d samples with digest %d; every sample once would be %d with digest %d",
                       st.epoch, count, digest, self.n_train, expected)
+        tried = self.state.micro.tried.get(MicroBatchTuner.key(plan.stage, plan.per_worker_batch))
+        if self.auto_micro and tried:  # what the stage's micro-batch was chosen from
+            record["micro_batch_tried"] = {str(m): t for m, t in tried.items()}
         st.epoch, st.offset = st.epoch + 1, 0
         st.partial.zero_()
         st.partial_seconds = 0.0
