@@ -65,6 +65,7 @@ if ! (cd "$src" && "${flavour[@]}" \
   die "building horovod $HOROVOD_VERSION failed; full log in $(cd "$WHEEL_DIR/.." && pwd)/horovod-build-failed.log"
 fi
 cp "$build"/dist/horovod-*.whl "$WHEEL_DIR/"
+cp "$build/build.log" "$WHEEL_DIR/build.log"  # what CMake found (MPI, Gloo, no CUDA) stays on record
 echo "$(( $(date +%s) - start ))" >"$WHEEL_DIR/build-seconds"
 wheel=$(ls "$WHEEL_DIR"/horovod-*.whl | head -n1)
 log "built $(basename "$wheel") in $(cat "$WHEEL_DIR/build-seconds") s, cached in $WHEEL_DIR"
