@@ -1,37 +1,50 @@
-# syntax=docker/dockerfile:1
+# adabatch-hvd images, in two flavours chosen by build arguments:
 #
-# adabatch-hvd for GPU clusters: CUDA 13.0 + cuDNN, OpenMPI, NCCL, and Horovod 0.28.1 built
-# with NCCL GPU operations by launch/setup.sh -- the very script a workstation runs.
+#   CUDA + NCCL (the default), for GPU clusters: CUDA 13.0 + cuDNN, OpenMPI, NCCL, and Horovod
+#   0.28.1 built with NCCL GPU operations:
+#     docker build -t adabatch-hvd .
+#   CPU (PyTorch + Gloo + MPI, like Horovod's own horovod-cpu images), from any Debian or Ubuntu base:
+#     docker build --build-arg FLAVOUR=cpu --build-arg BASE_IMAGE=debian:bookworm -t adabatch-hvd:cpu .
 #
-#   docker build -t adabatch-hvd .
-#   docker build --build-arg USER_UID="$(id -u)" -t adabatch-hvd .   # bind mounts owned by you
+# Both run launch/setup.sh, the very script a workstation runs. Add --build-arg USER_UID="$(id -u)"
+# so that files written to bind mounts are yours. Behind a proxy that inspects TLS, hand pip the
+# proxy's CA bundle as a BuildKit secret; it is read only inside the set-up steps and never stored
+# in a layer:
+#     DOCKER_BUILDKIT=1 docker build --secret id=ca,src=/etc/ssl/certs/ca-certificates.crt ...
+# (There is no "# syntax=" line on purpose: it makes BuildKit pull a frontend image from a
+# registry, and the daemon's built-in frontend already knows RUN --mount.)
+# tests/docker_check.sh builds the CPU flavour from a Debian base made with debootstrap and runs it.
 #
 # Launching (one node, several nodes, Slurm/pyxis): see launch/README.md and launch/docker-run.sh.
 #
-# Python: the image's own python3 (Ubuntu 24.04: 3.12). torch 2.14.1, torchvision 0.29.1 and the
-# rest of setup.sh's pins ship cp312 wheels on PyPI, Horovod's sdist builds against it, and using
-# the distribution's interpreter needs no extra apt repository (deadsnakes would add a PPA and its
-# key to every build for no gain). setup.sh puts everything in a venv (/opt/venv), so Ubuntu's
+# Python: the base image's own python3 (Ubuntu 24.04: 3.12, Debian 12: 3.11). torch 2.14.1,
+# torchvision 0.29.1 and the rest of setup.sh's pins ship wheels for both, and Horovod's sdist
+# builds against either. setup.sh puts everything in a venv (/opt/venv), so the distribution's
 # "externally managed" system Python is left alone.
 #
-# Base: the CUDA 13.0 devel image (nvcc for Horovod's CUDA kernels, CUDA headers for the NCCL ops).
+# CUDA base: the 13.0 devel image (nvcc for Horovod's CUDA kernels, CUDA headers for the NCCL ops).
 # 13.0.2 is the newest 13.0 patch release; its NCCL is 2.28.3, which NCCL_VERSION pins below.
-FROM nvidia/cuda:13.0.2-cudnn-devel-ubuntu24.04
+ARG BASE_IMAGE=nvidia/cuda:13.0.2-cudnn-devel-ubuntu24.04
+FROM ${BASE_IMAGE}
 
-# NCCL from NVIDIA's CUDA apt repository (configured in the base image), built for CUDA 13.0.
-# The base image holds these packages (apt-mark hold); --allow-change-held-packages lets a
-# different pin be chosen with --build-arg NCCL_VERSION=... (must stay +cuda13.x). Horovod links
-# libnccl_static.a from libnccl-dev (its default), so its NCCL cannot clash with the libnccl.so.2
-# that torch's pip wheels load. setup.sh's wheel cache key does not include the NCCL version:
-# after changing it, drop the build cache (docker builder prune --filter type=exec.cachemount).
+# cuda: Horovod with NCCL (needs the CUDA devel base); cpu: Gloo + MPI only, CUDA never looked for.
+ARG FLAVOUR=cuda
+# NCCL from NVIDIA's CUDA apt repository (configured in the CUDA base image), built for CUDA 13.0;
+# cuda flavour only. The base image holds these packages (apt-mark hold);
+# --allow-change-held-packages lets another pin be chosen with --build-arg NCCL_VERSION=... (must
+# stay +cuda13.x). Horovod links libnccl_static.a from libnccl-dev (its default), so its NCCL
+# cannot clash with the libnccl.so.2 that torch's pip wheels load. setup.sh's wheel cache key
+# includes the NCCL version read from nccl.h.
 ARG NCCL_VERSION=2.28.3-1+cuda13.0
 # UID of the unprivileged user; pass your own so files written to bind mounts are yours.
 ARG USER_UID=1000
 # Build-time settings read by launch/setup.sh (ARG: visible to RUN, not baked into the runtime env).
+# HOROVOD_GPU_OPERATIONS and CUDA_HOME are set inside the set-up RUN for the cuda flavour only: the
+# cpu flavour must not even define them.
 ARG ADABATCH_VENV=/opt/venv
-ARG HOROVOD_GPU_OPERATIONS=NCCL
 ARG ADABATCH_SKIP_APT=1
-ARG CUDA_HOME=/usr/local/cuda
+# No Slurm/munge/iptables: those are for the multi-node test cluster of `make test`, not the image.
+ARG ADABATCH_TEST_CLUSTER=0
 # setup.sh's interpreter: the distribution's python3, also once /opt/venv/bin leads PATH.
 ARG PYTHON=/usr/bin/python3
 
@@ -46,17 +59,23 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # generates are deleted: no key pair is shared by every copy of the image.
 # The unprivileged user: Ubuntu 24.04 images ship a user "ubuntu" with UID 1000; it is replaced so
 # that the default UID 1000 (the first user on most hosts) belongs to "adabatch".
-# DL3008 (pin every apt version) is ignored on purpose: Ubuntu's archive keeps only the current
-# version of each package, so exact pins of python3/openmpi/cmake would break the build at the
-# next security update. The one version that matters for correctness, NCCL for CUDA 13.0, is pinned.
+# DL3008 (pin every apt version) is ignored on purpose: Debian's and Ubuntu's archives keep only
+# the current version of each package, so exact pins of python3/openmpi/cmake would break the build
+# at the next security update. The one version that matters for correctness, NCCL for CUDA 13.0,
+# is pinned.
 # hadolint ignore=DL3008
-RUN apt-get update \
+RUN case "${FLAVOUR}" in \
+      cuda) gpu_packages=("libnccl2=${NCCL_VERSION}" "libnccl-dev=${NCCL_VERSION}") ;; \
+      cpu) gpu_packages=() ;; \
+      *) echo "FLAVOUR must be cuda or cpu, got '${FLAVOUR}'" >&2; exit 1 ;; \
+    esac \
+ && apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends --allow-change-held-packages \
-      "libnccl2=${NCCL_VERSION}" "libnccl-dev=${NCCL_VERSION}" \
+      "${gpu_packages[@]}" \
       python3 python3-dev python3-venv \
       libopenmpi-dev openmpi-bin \
       cmake g++ make patch ca-certificates \
-      openssh-client openssh-server \
+      openssh-client openssh-server procps \
       dataset-fashion-mnist \
  && rm -f /etc/ssh/ssh_host_*_key /etc/ssh/ssh_host_*_key.pub \
  && rm -rf /var/lib/apt/lists/* \
@@ -72,32 +91,43 @@ ENV PATH=/opt/venv/bin:$PATH \
 
 WORKDIR /opt/adabatch-hvd
 
-# 1) The slow part (torch ~5 GB, Horovod compiled with nvcc + NCCL): copy only what setup.sh needs
-#    so that this layer survives edits to the code. The cache mount keeps pip's downloads and
-#    setup.sh's Horovod wheel (~/.cache/adabatch-hvd) between builds, outside the image.
-COPY launch/setup.sh launch/
+# 1) The slow part (torch ~5 GB, the Horovod build): copy only what setup.sh needs so that this
+#    layer survives edits to the code. The cache mount keeps pip's downloads and setup.sh's Horovod
+#    wheel (~/.cache/adabatch-hvd; the key tells the _cpu and _gpu-NCCL builds apart) between
+#    builds, outside the image. The optional secret "ca" is a CA bundle for pip (a proxy that
+#    inspects TLS); it is mounted at /run/secrets/ca for this step only.
+COPY launch/setup.sh launch/build-horovod.sh launch/
 COPY launch/patches/ launch/patches/
 COPY setup.py ./
 COPY adabatch_hvd/__init__.py adabatch_hvd/
 RUN --mount=type=cache,target=/root/.cache \
-    launch/setup.sh
+    --mount=type=secret,id=ca \
+    if [ "${FLAVOUR}" = cuda ]; then export HOROVOD_GPU_OPERATIONS=NCCL CUDA_HOME=/usr/local/cuda; fi \
+ && if [ -s /run/secrets/ca ]; then \
+      echo "build: pip uses the CA bundle from the build secret 'ca'"; \
+      export PIP_CERT=/run/secrets/ca SSL_CERT_FILE=/run/secrets/ca; \
+    fi \
+ && launch/setup.sh
 
 # 2) The whole repository; setup.sh finds its finished environment (stamp) and only re-installs
-#    the package (editable, seconds). Then the build proves Horovod has PyTorch, MPI, Gloo and NCCL.
+#    the package (editable, seconds). Then the build proves that Horovod has PyTorch, MPI and Gloo
+#    (and NCCL in the cuda flavour).
 COPY . .
 RUN --mount=type=cache,target=/root/.cache \
     launch/setup.sh \
  && horovodrun --check-build | tee /tmp/check-build.txt \
  && grep -q '\[X\] PyTorch' /tmp/check-build.txt \
- && grep -q '\[X\] NCCL' /tmp/check-build.txt \
+ && grep -q '\[X\] MPI' /tmp/check-build.txt \
  && grep -q '\[X\] Gloo' /tmp/check-build.txt \
+ && if [ "${FLAVOUR}" = cuda ]; then grep -q '\[X\] NCCL' /tmp/check-build.txt; fi \
  && rm /tmp/check-build.txt \
  && adabatch-train --help >/dev/null \
  && mkdir -p runs data \
  && chown adabatch: runs data
 
 LABEL org.opencontainers.image.title="adabatch-hvd" \
-      org.opencontainers.image.description="AdaBatch adaptive batch sizes on Horovod 0.28.1 (PyTorch 2.14.1, CUDA 13.0, NCCL, OpenMPI, Gloo)"
+      org.opencontainers.image.description="AdaBatch adaptive batch sizes on Horovod 0.28.1 (PyTorch 2.14.1, OpenMPI, Gloo; cuda flavour: CUDA 13.0 and NCCL)" \
+      org.adabatch.flavour="${FLAVOUR}"
 
 # Numeric, so that Kubernetes runAsNonRoot and similar checks can verify it without /etc/passwd.
 USER ${USER_UID}

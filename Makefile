@@ -4,7 +4,7 @@ PY := .venv/bin/python
 NP ?= 2
 RUN_DIR ?= runs/fashion_mnist-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup train test bench bench-quick clean
+.PHONY: setup train test bench bench-quick docker-check clean
 
 setup:
 	@./launch/setup.sh
@@ -20,6 +20,10 @@ bench: setup
 
 bench-quick: setup
 	$(PY) benchmarks/bench.py --quick --out runs/bench-quick
+
+# Builds the CPU image and runs it: entrypoint forms, two containers, a killed worker (tests/docker_check.sh).
+docker-check:
+	@./tests/docker_check.sh
 
 clean:
 	rm -rf runs .pytest_cache .hypothesis

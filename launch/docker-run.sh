@@ -17,6 +17,9 @@ One node: N processes (default: one per GPU that nvidia-smi lists) in one contai
         horovodrun -np N -H localhost:N --gloo adabatch-train ARGS...
 
 Several nodes: containers reach each other over ssh, as Horovod's own Docker guide does.
+On the host network (the default) each node runs one container; with --network NET the
+containers join a Docker network instead (e.g. several "nodes" on one machine, or an overlay
+network), each with its container name as hostname, which is what -H then lists.
   1. keys     writes DIR (default ~/.ssh/adabatch-hvd) with a key pair, authorized_keys, an
               sshd host key and an ssh config; put DIR on every node (shared home, or copy).
   2. worker   on each other node: a detached container running sshd on port -p (as the
@@ -30,12 +33,17 @@ Options:
   -n, -np N           processes: on this node (one node) or in total (launch; default:
                       the sum of the slots in -H)
   -H HOSTS            launch: host1:4,host2:4 -- the first node's own hostname first
+                      (with --network NET: the containers' names, the launch container's first)
   -p, --port PORT     sshd port inside worker containers (default 12345)
   -k, --ssh-dir DIR   key directory (default $ADABATCH_SSH_DIR or ~/.ssh/adabatch-hvd);
                       mounted as the container user's ~/.ssh, so build the image with
                       --build-arg USER_UID=$(id -u) (ssh refuses keys it cannot own)
   --iface IF          network interface: NCCL_SOCKET_IFNAME, HOROVOD_GLOO_IFACE and
                       horovodrun --network-interfaces
+  --network NET       Docker network (default host); any other network gives the container
+                      --hostname = its --name, so containers find each other by name
+  --gpus SPEC         docker run --gpus SPEC (default: all when nvidia-smi lists a GPU,
+                      otherwise none, the CPU image)
   --gloo | --mpi      Horovod controller (default gloo)
   -v SRC:DST          an extra bind mount (repeatable); ./runs and ./data are always
                       mounted at /opt/adabatch-hvd/runs and /opt/adabatch-hvd/data
@@ -49,6 +57,9 @@ Examples:
   launch/docker-run.sh keys
   ssh node2 'cd adabatch-hvd && launch/docker-run.sh worker'
   launch/docker-run.sh launch -H node1:4,node2:4 --iface ib0 -- --config configs/imagenet_resnet50.yaml
+  docker network create adabatch                                     # two "nodes" on one machine
+  launch/docker-run.sh worker --network adabatch --name w1
+  launch/docker-run.sh launch --network adabatch --name l0 -H l0:1,w1:1 -- --config configs/fashion_mnist.yaml
 EOF
 }
 
@@ -65,6 +76,8 @@ hosts=""
 port=12345
 ssh_dir=${ADABATCH_SSH_DIR:-$HOME/.ssh/adabatch-hvd}
 iface=""
+network=host
+gpus=""
 controller=gloo
 name=""
 dry_run=0
@@ -81,6 +94,8 @@ while [ $# -gt 0 ]; do
     -p|--port) need "$1" $#; port=$2; shift 2 ;;
     -k|--ssh-dir) need "$1" $#; ssh_dir=$2; shift 2 ;;
     --iface) need "$1" $#; iface=$2; shift 2 ;;
+    --network) need "$1" $#; network=$2; shift 2 ;;
+    --gpus) need "$1" $#; gpus=$2; shift 2 ;;
     --gloo) controller=gloo; shift ;;
     --mpi) controller=mpi; shift ;;
     -v) need "$1" $#; mounts+=(-v "$2"); shift 2 ;;
@@ -117,11 +132,24 @@ fi
 # ---- the docker run common to every mode -------------------------------------------------------
 work=/opt/adabatch-hvd          # the image's WORKDIR
 [ "$dry_run" = 1 ] || mkdir -p runs data
-base=(docker run --gpus all --network host --ipc host
-      --ulimit memlock=-1 --ulimit stack=67108864
-      -v "$PWD/runs:$work/runs" -v "$PWD/data:$work/data")
-# InfiniBand/RoCE for NCCL when the host has it.
-if [ -d /dev/infiniband ]; then base+=(--device /dev/infiniband --cap-add IPC_LOCK); fi
+if [ -z "$gpus" ]; then
+  gpus=none
+  if nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then gpus=all; fi
+fi
+base=(docker run)
+[ "$gpus" = none ] || base+=(--gpus "$gpus")
+base+=(--network "$network")
+case $mode in
+  worker) container=${name:-adabatch-worker} ;;
+  *) container=${name:-adabatch-train} ;;
+esac
+# On a Docker network the others reach this container by name: make that its hostname too, so
+# that horovodrun recognises the launch container's own entry in -H.
+[ "$network" = host ] || base+=(--hostname "$container")
+base+=(--ipc host --ulimit stack=67108864 -v "$PWD/runs:$work/runs" -v "$PWD/data:$work/data")
+# InfiniBand/RoCE for NCCL when the host has it; registering RDMA memory needs an unlimited memlock.
+# (Only then: raising the limit needs CAP_SYS_RESOURCE, which some sandboxed hosts do not grant.)
+if [ -d /dev/infiniband ]; then base+=(--device /dev/infiniband --cap-add IPC_LOCK --ulimit memlock=-1); fi
 if [ -n "$iface" ]; then
   base+=(-e "NCCL_SOCKET_IFNAME=$iface" -e "HOROVOD_GLOO_IFACE=$iface" -e "GLOO_SOCKET_IFNAME=$iface")
 fi
@@ -146,7 +174,7 @@ case $mode in
       [ "$np" -gt 0 ] 2>/dev/null || np=1
     fi
     [[ $np =~ ^[1-9][0-9]*$ ]] || die "-n must be a positive integer, got '$np'"
-    cmd=("${base[@]}" --rm --name "${name:-adabatch-train}")
+    cmd=("${base[@]}" --rm --name "$container")
     [ -t 0 ] && [ -t 1 ] && cmd+=(-it)
     if [ "$np" = 1 ]; then
       # The image's entrypoint runs adabatch-train for option arguments.
@@ -161,14 +189,14 @@ case $mode in
     check_ssh_dir
     # sshd as the unprivileged user: it can only log that user in, which is all horovodrun needs.
     # PATH is set for the sessions because ssh logins do not inherit the image's ENV.
-    run "${base[@]}" -d --restart no --name "${name:-adabatch-worker}" "${ssh_mount[@]}" "$image" \
+    run "${base[@]}" -d --restart no --name "$container" "${ssh_mount[@]}" "$image" \
       /usr/sbin/sshd -D -e -p "$port" \
       -h /home/adabatch/.ssh/ssh_host_ed25519_key \
       -o PidFile=none -o UsePAM=no -o StrictModes=no \
       -o AuthorizedKeysFile=/home/adabatch/.ssh/authorized_keys \
       -o PasswordAuthentication=no -o KbdInteractiveAuthentication=no \
       -o "SetEnv=PATH=/opt/venv/bin:/usr/local/cuda/bin:/usr/local/bin:/usr/bin:/bin"
-    [ "$dry_run" = 1 ] || echo "docker-run: worker sshd on port $port; stop it with: docker rm -f ${name:-adabatch-worker}"
+    [ "$dry_run" = 1 ] || echo "docker-run: worker sshd on port $port; stop it with: docker rm -f $container"
     ;;
   launch)
     [ -n "$hosts" ] || die "launch needs -H host1:4,host2:4"
@@ -178,7 +206,7 @@ case $mode in
     check_ssh_dir
     cmd=(horovodrun -np "$np" -H "$hosts" -p "$port" "--$controller")
     [ -n "$iface" ] && cmd+=(--network-interfaces "$iface")
-    run "${base[@]}" --rm --name "${name:-adabatch-train}" "${ssh_mount[@]}" "$image" \
+    run "${base[@]}" --rm --name "$container" "${ssh_mount[@]}" "$image" \
       "${cmd[@]}" adabatch-train "${train_args[@]}"
     ;;
 esac

@@ -18,6 +18,7 @@
 #   HOROVOD_GPU_OPERATIONS    NCCL for GPU images (needs a CUDA toolkit at $CUDA_HOME, default
 #                             /usr/local/cuda). Unset: the CPU flavour, which never looks for CUDA.
 #   ADABATCH_SKIP_APT=1       do not touch system packages (they must already be present)
+#   ADABATCH_TEST_CLUSTER=0   leave out the multi-node test cluster's packages (Slurm, munge, ...)
 set -euo pipefail
 
 die() { echo "setup: error: $*" >&2; exit 1; }
@@ -33,9 +34,11 @@ PATCH="$ROOT/launch/patches/horovod-${HOROVOD_VERSION}-torch2.patch"
 PYTHON=${PYTHON:-python3}
 CACHE=${ADABATCH_CACHE:-$HOME/.cache/adabatch-hvd}
 GPU_OPS=${HOROVOD_GPU_OPERATIONS:-}
-# openssh-server, slurm-wlm, munge, iproute2, iptables: the multi-node test cluster (tests/cluster.py).
 APT_PACKAGES=(libopenmpi-dev openmpi-bin cmake g++ make patch dataset-fashion-mnist
-              openssh-server openssh-client slurm-wlm munge iproute2 iptables)
+              openssh-server openssh-client)
+# The multi-node test cluster (tests/cluster.py) needs these too; the Docker image leaves them out
+# (ADABATCH_TEST_CLUSTER=0).
+[ "${ADABATCH_TEST_CLUSTER:-1}" = 0 ] || APT_PACKAGES+=(slurm-wlm munge iproute2 iptables)
 # Pinned Python stack besides torch/torchvision/horovod (those are pinned above).
 PIP_PACKAGES=(
   "tensorboard==2.21.0" "mpi4py==4.1.2" "pyyaml==6.0.3" "tqdm==4.70.1" "matplotlib==3.11.2"
@@ -170,7 +173,9 @@ else
   fi
   OWN_PY="$ROOT/.venv/bin/python"
 fi
-pip_quiet "$OWN_PY" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e "$ROOT" \
+# --use-pep517: an older pip (Debian 12's venv has 23.0) would otherwise run "setup.py develop",
+# which in setuptools 80 calls pip again with build isolation and so needs the network.
+pip_quiet "$OWN_PY" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation --use-pep517 -e "$ROOT" \
   || die "pip install -e $ROOT failed"
 "$OWN_PY" - "$ROOT" <<'EOF' || die "horovod.torch does not import, lacks Gloo/MPI, or adabatch_hvd is not this checkout's"
 import os, sys

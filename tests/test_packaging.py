@@ -109,10 +109,67 @@ def test_hadolint_ignores_are_justified():
 
 # ---- (b) what the image builds ------------------------------------------------------------------
 
-def test_dockerfile_base_is_cuda13_cudnn_devel_ubuntu2404(docker_instructions):
+def build_args(docker_instructions):
+    """ARG NAME=default pairs of the Dockerfile."""
+    return dict(a.split("=", 1) for k, a in docker_instructions if k == "ARG" and "=" in a)
+
+
+def test_dockerfile_default_base_is_cuda13_cudnn_devel_ubuntu2404(docker_instructions):
     froms = [a for k, a in docker_instructions if k == "FROM"]
     assert froms, "no FROM"
-    assert re.fullmatch(r"nvidia/cuda:13\.0\.\d+-cudnn-devel-ubuntu24\.04( AS \w+)?", froms[-1], re.I), froms
+    base = re.sub(r"\$\{?(\w+)\}?", lambda m: build_args(docker_instructions).get(m.group(1), m.group(0)), froms[-1])
+    assert re.fullmatch(r"nvidia/cuda:13\.0\.\d+-cudnn-devel-ubuntu24\.04( AS \w+)?", base, re.I), (froms, base)
+    assert build_args(docker_instructions).get("FLAVOUR") == "cuda", "the CUDA + NCCL flavour must be the default"
+
+
+def test_dockerfile_has_no_syntax_line():
+    # "# syntax=docker/dockerfile:1" makes BuildKit pull a frontend image: no build without a registry.
+    assert not re.search(r"^#\s*syntax\s*=", DOCKERFILE.read_text(), re.M | re.I)
+
+
+def setup_run(docker_instructions):
+    """The first RUN of launch/setup.sh, without its --mount flags."""
+    run_args = next(a for k, a in docker_instructions if k == "RUN" and "launch/setup.sh" in a)
+    return re.sub(r"^(--mount=\S+\s+)+", "", run_args), run_args
+
+
+@pytest.mark.parametrize("flavour,secret", [("cpu", False), ("cpu", True), ("cuda", False)])
+def test_dockerfile_setup_step_per_flavour(docker_instructions, tmp_path, flavour, secret):
+    """Run the set-up RUN's shell with a stand-in launch/setup.sh that prints its environment: the
+    cpu flavour defines no CUDA variable at all, the cuda flavour asks for NCCL, and the CA bundle
+    reaches pip only when the secret is there."""
+    command, flags = setup_run(docker_instructions)
+    assert "--mount=type=secret,id=ca" in flags, "the set-up step does not offer the CA secret"
+    secret_file = tmp_path / "secrets" / "ca"
+    if secret:
+        secret_file.parent.mkdir()
+        secret_file.write_text("-----BEGIN CERTIFICATE-----\n")
+    assert "/run/secrets/ca" in command
+    command = command.replace("/run/secrets/ca", str(secret_file))
+    (tmp_path / "launch").mkdir()
+    stub = tmp_path / "launch" / "setup.sh"
+    stub.write_text("#!/bin/sh\nenv\n")
+    stub.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not re.match(r"CUDA|HOROVOD|PIP_CERT|SSL_CERT_FILE", k)}
+    env["FLAVOUR"] = flavour
+    proc = run(["bash", "-o", "pipefail", "-c", command], cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    got = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+    if flavour == "cpu":
+        assert not [k for k in got if "CUDA" in k or k.startswith("HOROVOD_GPU")], got
+    else:
+        assert got.get("HOROVOD_GPU_OPERATIONS") == "NCCL" and got.get("CUDA_HOME") == "/usr/local/cuda", got
+    assert (got.get("PIP_CERT"), got.get("SSL_CERT_FILE")) == ((str(secret_file),) * 2 if secret else (None, None))
+
+
+def test_dockerfile_bakes_no_cuda_or_ca_settings(docker_instructions):
+    """CUDA_HOME/HOROVOD_GPU_OPERATIONS only inside the cuda branch of a RUN (an empty ARG is still
+    defined for CMake); the CA bundle only as a secret mount, never copied or put in ENV."""
+    for k, a in docker_instructions:
+        if k in ("ARG", "ENV"):
+            assert not re.search(r"\b(CUDA_HOME|HOROVOD_CUDA_HOME|HOROVOD_GPU_OPERATIONS|PIP_CERT|SSL_CERT_FILE)\b", a), a
+        if k in ("COPY", "ADD"):
+            assert not re.search(r"\.(crt|pem)\b|ca-certificates", a), a
 
 
 def test_dockerfile_runs_setup_sh_with_nccl(docker_instructions):
@@ -123,6 +180,8 @@ def test_dockerfile_runs_setup_sh_with_nccl(docker_instructions):
     first = setup_runs[0]
     settings = " ".join(a for k, a in docker_instructions[:first + 1] if k in ("ARG", "ENV", "RUN"))
     assert re.search(r"\bHOROVOD_GPU_OPERATIONS=NCCL\b", settings), "HOROVOD_GPU_OPERATIONS=NCCL is not set"
+    assert "launch/build-horovod.sh" in " ".join(a for k, a in docker_instructions[:first] if k == "COPY"), \
+        "setup.sh calls launch/build-horovod.sh: copy it too"
     assert re.search(r"\bADABATCH_VENV=(/opt/venv|system)\b", settings), "ADABATCH_VENV is not set"
     # the script is copied into the image before it is run
     copied = " ".join(a for k, a in docker_instructions[:first] if k in ("COPY", "ADD"))
@@ -364,8 +423,8 @@ def test_slurm_container_uses_pyxis_srun(fake_slurm):
 
 def test_docker_run_commands(tmp_path):
     env = {"ADABATCH_IMAGE": "img:1"}
-    proc = dry("docker-run.sh", "-n", "4", "--iface", "eth0", "--dry-run", "--", "--config", "c.yaml",
-               env=env, cwd=tmp_path)
+    proc = dry("docker-run.sh", "-n", "4", "--gpus", "all", "--iface", "eth0", "--dry-run", "--", "--config",
+               "c.yaml", env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     for part in ("docker run --gpus all --network host --ipc host", f"-v {tmp_path}/runs:/opt/adabatch-hvd/runs",
@@ -380,11 +439,17 @@ def test_docker_run_commands(tmp_path):
                  env=env, cwd=tmp_path).stdout.replace("\\,", ",")
     assert "img:1 horovodrun -np 8 -H n1:4,n2:4 -p 12345 --gloo adabatch-train --resume" in launch, launch
     assert dry("docker-run.sh", "launch", "--dry-run", env=env, cwd=tmp_path).returncode == 2
+    # a Docker network instead of the host's: each container's hostname is its name; no GPUs asked for
+    net = dry("docker-run.sh", "worker", "--network", "nw", "--name", "w1", "--gpus", "none", "-k", tmp_path / "k",
+              "--dry-run", env=env, cwd=tmp_path).stdout
+    assert "docker run --network nw --hostname w1 --ipc host" in net and "--gpus" not in net, net
+    net = dry("docker-run.sh", "launch", "--network", "nw", "--name", "l0", "-H", "l0:1,w1:1", "-k", tmp_path / "k",
+              "--dry-run", env=env, cwd=tmp_path).stdout.replace("\\,", ",")
+    assert "--network nw --hostname l0" in net and "horovodrun -np 2 -H l0:1,w1:1 -p 12345 --gloo" in net, net
 
 
 def test_docker_run_keys(tmp_path):
-    if not shutil.which("ssh-keygen"):
-        pytest.skip("ssh-keygen (openssh-client) is not installed")
+    assert shutil.which("ssh-keygen"), "ssh-keygen not found (apt-get install openssh-client; launch/setup.sh does)"
     keys = tmp_path / "keys"
     proc = dry("docker-run.sh", "keys", "-k", keys, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -421,3 +486,12 @@ def test_run_elastic_composes_an_elastic_gloo_job(tmp_path):
                          (["--host-discovery-script", script, "-np", "9", "--max-np", "8"], "need --min-np <= -np")):
         proc = dry("run-elastic.sh", *bad, "--dry-run")
         assert proc.returncode == 2 and message in proc.stderr, (bad, proc.stderr)
+
+
+def test_docker_check_script_and_target():
+    """make docker-check runs tests/docker_check.sh (a real Docker run; not part of make test)."""
+    script = ROOT / "tests" / "docker_check.sh"
+    assert script.read_text().startswith("#!/usr/bin/env bash") and script.stat().st_mode & stat.S_IXUSR
+    assert run(["bash", "-n", script]).returncode == 0
+    proc = run(["make", "-n", "docker-check"], cwd=ROOT)
+    assert proc.returncode == 0 and "tests/docker_check.sh" in proc.stdout, proc.stdout + proc.stderr
