@@ -122,7 +122,7 @@ def _read(path: Path) -> dict:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         kind = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"not an adabatch-hvd checkpoint (format {kind})")
-    bad = _first_non_finite(state)
+    bad = _first_non_finite({k: state[k] for k in ("model", "optimizer") if k in state})  # what training goes on from
     if bad:
         raise ValueError(f"it holds NaN/Inf values (in {bad})")
     return state

@@ -13,7 +13,7 @@ import os
 import sys
 
 from . import config, sampler
-from .errors import DiskFull, OneLineParser, UserError
+from .errors import DiskFull, OneLineParser, UserError, print_error
 
 # Training-set sizes, so that adabatch-plan works without the data on disk.
 TRAIN_SIZES = {"fashion-mnist": 60000, "cifar10": 50000, "cifar100": 50000, "imagenet": 1281167}
@@ -57,28 +57,45 @@ def train_main(argv=None) -> int:
         cfg = config.from_args(args.config, _overrides(args))
         config.build_schedule(cfg)  # schedule errors before Horovod starts
         from . import dist
-        from .trainer import NonFiniteLoss, Trainer
+        from .trainer import NonFiniteLoss
 
         dist.init(cfg.run.threads, cfg.comm.horovod_env())
         _setup_logging(dist.rank)
         try:
-            Trainer(cfg).fit()
+            _train(cfg)
         except NonFiniteLoss as e:
-            print(f"{prog}: error: {e}", file=sys.stderr)
+            print_error(prog, e)
             return 3
     except UserError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print_error(prog, e)
         return 2
     except OSError as e:
         if not isinstance(e, DiskFull) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         full = e if isinstance(e, DiskFull) else DiskFull(e.filename or (cfg.run.run_dir if cfg else "."))
-        print(f"{prog}: error: {full}", file=sys.stderr)
+        print_error(prog, full)
         return 4
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _train(cfg: config.Config) -> None:
+    """Build and run the trainer; if it fails before its first optimizer step, rank 0 removes what
+    this run created in the run dir (a fresh run leaves no run dir at all)."""
+    from . import dist, rundir
+    from .trainer import Trainer
+
+    before = rundir.snapshot(cfg.run.run_dir)
+    trainer = None
+    try:
+        trainer = Trainer(cfg)
+        trainer.fit()
+    except BaseException:
+        if dist.rank() == 0 and (trainer is None or trainer.monitor is None or not trainer.monitor.steps):
+            rundir.discard(cfg.run.run_dir, before)
+        raise
 
 
 def plan_table(cfg: config.Config, world_size: int, num_samples: int) -> str:
@@ -120,7 +137,7 @@ def plan_main(argv=None) -> int:
             raise UserError(f"--num-samples must be > 0, got {n}")
         print(plan_table(cfg, args.world_size, n))
     except UserError as e:
-        print(f"adabatch-plan: error: {e}", file=sys.stderr)
+        print_error("adabatch-plan", e)
         return 2
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import List, Optional, Union
@@ -20,6 +21,7 @@ from .schedule import Schedule, parse_stages
 
 
 def _f(default, help: str, **kw):
+    """A field with a default and its --help text; `parse` (optional) reads the raw YAML/flag value."""
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
@@ -43,8 +45,8 @@ class DataConfig:
     def __post_init__(self):
         if self.eval_batch <= 0:
             raise UserError(f"data.eval_batch must be > 0, got {self.eval_batch}")
-        if self.workers < 0:
-            raise UserError(f"data.workers must be >= 0, got {self.workers}")
+        if not 0 <= self.workers <= MAX_WORKERS:
+            raise UserError(f"data.workers must be in 0..{MAX_WORKERS}, got {self.workers}")
         for name in ("train_samples", "test_samples"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise UserError(f"data.{name} must be > 0, got {getattr(self, name)}")
@@ -85,7 +87,8 @@ class ScheduleConfig:
     initial_batch: int = _f(128, "initial global batch B0 (all workers together)")
     growth_factor: float = _f(2.0, "batch multiplier at each stage boundary")
     interval: int = _f(2, "epochs per stage (ignored when stages is given)")
-    stages: List[str] = _f([], "explicit stages as epoch:global_batch, e.g. 0:128,20:256 (overrides interval)")
+    stages: List[str] = _f([], "explicit stages as epoch:global_batch, e.g. 0:128,20:256 (overrides interval); "
+                               "in YAML also a mapping {0: 128, 20: 256}", parse=lambda v: _stage_list(v))
     max_batch: Optional[int] = _f(None, "largest global batch; growth stops there")
     mode: str = _f("adaptive", "adaptive (AdaBatch) or fixed (baseline: same LR decay, constant batch)")
     scaling: str = _f("linear", "LR scaling rule in the batch: linear, sqrt or none")
@@ -126,7 +129,7 @@ class CommConfig:
 
     def __post_init__(self):
         if self.compression not in COMPRESSIONS:
-            raise UserError(f"unknown comm.compression '{self.compression}'{suggest(self.compression, COMPRESSIONS)}; "
+            raise UserError(f"unknown comm.compression {self.compression!r}{suggest(self.compression, COMPRESSIONS)}; "
                             f"choose one of {', '.join(COMPRESSIONS)}")
         if self.fusion_threshold_mb is not None and not 0 <= self.fusion_threshold_mb < math.inf:
             raise UserError(f"comm.fusion_threshold_mb must be a number >= 0, got {self.fusion_threshold_mb}")
@@ -168,10 +171,13 @@ class RunConfig:
     run_dir: str = _f("runs/default", "output dir: metrics.jsonl, config.yaml, checkpoints/, tb/")
     seed: int = _f(0, "random seed (model init, data order, augmentation)")
     threads: int = _f(0, "torch CPU threads per rank (0 = cores / local ranks)")
-    device: str = _f("auto", "auto (cuda:local_rank when available), cpu or cuda")
+    device: str = _f("auto", "auto (cuda:local_rank when available), cpu, or cuda (also written gpu)")
     quiet: bool = _f(False, "no progress bar")
-    resume: Optional[str] = _f(None, "checkpoint to resume from: a path, or 'latest' for RUN_DIR's newest")
+    resume: Optional[str] = _f(None, "checkpoint to resume from: a path, or 'latest' (also true) for RUN_DIR's "
+                                     "newest", parse=lambda v: _resume_value(v))
     stop_after_steps: int = _f(0, "stop (with a checkpoint) after this many optimizer steps in this process; 0 = no limit")
+    log_every_steps: int = _f(50, "TensorBoard: train loss, LR, batch and throughput every N optimizer steps "
+                                  "(x axis: samples seen); 0 = per epoch only")
     elastic: bool = _f(False, "elastic training (launch/run-elastic.sh): workers may leave and join while the "
                               "global batch, LR and sample order stay as planned")
     commit_every: int = _f(10, "elastic: commit the state in memory every N optimizer steps; a failed worker "
@@ -180,6 +186,19 @@ class RunConfig:
     def __post_init__(self):
         if self.commit_every < 1:
             raise UserError(f"run.commit_every must be >= 1, got {self.commit_every}")
+        if not self.run_dir.strip():
+            raise UserError("run.run_dir is empty; give a directory, e.g. --run-dir runs/NAME")
+        if not 0 <= self.seed < 2**32:
+            raise UserError(f"run.seed must be in 0..2^32-1, got {self.seed}")
+        if not 0 <= self.threads <= MAX_THREADS:
+            raise UserError(f"run.threads must be in 0..{MAX_THREADS} (0 = cores / local ranks), got {self.threads}")
+        self.device = {"gpu": "cuda"}.get(self.device.strip().lower(), self.device.strip().lower())
+        if self.device not in DEVICES:
+            raise UserError(f"unknown run.device {self.device!r}{suggest(self.device, DEVICES)}; "
+                            f"choose one of {', '.join(DEVICES)} (gpu means cuda)")
+        for name in ("stop_after_steps", "log_every_steps"):
+            if getattr(self, name) < 0:
+                raise UserError(f"run.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -194,6 +213,11 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
+
+# Bounds on numbers that would otherwise exhaust processes or threads before a useful error.
+MAX_WORKERS = 256
+MAX_THREADS = 1024
+DEVICES = ("auto", "cpu", "cuda")
 
 _SECTION_TYPES = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "schedule": ScheduleConfig,
                   "comm": CommConfig, "checkpoint": CheckpointConfig, "run": RunConfig}
@@ -232,17 +256,60 @@ def _convert(value, tp, key: str):
         if tp is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
-            return int(str(value)) if isinstance(value, str) else int(value)
+            number = _whole(value.strip().replace("_", "")) if isinstance(value, str) else int(value)
+            if abs(number) >= 2**63:
+                raise UserError(f"{key}: {value!r} is too large (the limit is 2^63 - 1)")
+            return number
         if tp is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise UserError(f"{key} must be a finite number, got {value!r}")
+            return number
         if tp is str:
             if isinstance(value, (dict, list)):
                 raise ValueError
             return str(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{key}: expected {tp.__name__}, got {value!r}") from None
+    except UserError:
+        raise
+    except (TypeError, ValueError, OverflowError):
+        raise UserError(f"{key}: expected {tp.__name__}, got {_show(value)}") from None
+    return value
+
+
+def _whole(text: str) -> int:
+    """An integer from text, also written as a whole float ('1e3', '1000.0') while that is exact."""
+    try:
+        return int(text)
+    except ValueError:
+        number = float(text)
+        if not (number.is_integer() and abs(number) <= 2**53):
+            raise
+        return int(number)
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _stage_list(value):
+    """Stages as 'E:B' strings, from a list of them, a comma-separated string, a mapping {E: B} or [E, B] pairs."""
+    if isinstance(value, dict):
+        return [f"{e}:{b}" for e, b in value.items()]
+    if isinstance(value, (list, tuple)):
+        return [f"{v[0]}:{v[1]}" if isinstance(v, (list, tuple)) and len(v) == 2 else v for v in value]
+    return value
+
+
+def _resume_value(value):
+    """`resume: true` (YAML) or `--resume yes` mean the newest checkpoint; false/no mean a fresh run."""
+    word = str(value).strip().lower()
+    if value is True or word in ("true", "yes", "on"):
+        return "latest"
+    if value is False or word in ("false", "no", "off"):
+        return None
     return value
 
 
@@ -256,17 +323,19 @@ def _build(raw: dict) -> Config:
     sections = {}
     for name, values in raw.items():
         if name not in _SECTION_TYPES:
-            raise UserError(f"unknown config section '{name}'{suggest(name, _SECTION_TYPES)}; "
+            raise UserError(f"unknown config section {name!r}{suggest(name, _SECTION_TYPES)}; "
                             f"sections are {', '.join(_SECTION_TYPES)}")
         cls = _SECTION_TYPES[name]
         values = values or {}
         if not isinstance(values, dict):
-            raise UserError(f"config section '{name}' must be a mapping, got {values!r}")
+            raise UserError(f"config section {name!r} must be a mapping, got {values!r}")
         hints = _hints(cls)
         for key in values:
             if key not in hints:
-                raise UserError(f"unknown config key '{name}.{key}'{suggest(key, hints)}")
-        sections[name] = cls(**{k: _convert(v, hints[k], f"{name}.{k}") for k, v in values.items()})
+                raise UserError(f"unknown config key {f'{name}.{key}'!r}{suggest(key, hints)}")
+        parsers = {f.name: f.metadata.get("parse") for f in dataclasses.fields(cls)}
+        sections[name] = cls(**{k: _convert(parsers[k](v) if parsers[k] else v, hints[k], f"{name}.{k}")
+                                for k, v in values.items()})
     return Config(**sections)
 
 
@@ -281,18 +350,68 @@ def build_schedule(cfg: Config) -> Schedule:
     )
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader without YAML 1.1's base-60 numbers, so `stages: [0:16, 20:32]` stays text
+    (the stock loader reads 20:32 as 1232), and without deep nesting (parsed in quadratic time)."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):
+        self.depth += 1
+        try:
+            if self.depth > _MAX_DEPTH:
+                raise yaml.YAMLError(f"nested more than {_MAX_DEPTH} levels deep, far more than a config has")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+_MAX_DEPTH = 32
+
+
+def _flow_depth(text: str) -> int:
+    """The deepest nesting of [ and { (quotes ignored): the scanner is quadratic in it, so it is checked first."""
+    depth = deepest = 0
+    for c in text:
+        if c in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in "]}":
+            depth = max(depth - 1, 0)
+    return deepest
+
+
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_INT, re.compile(r"""^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)
+                                                  |[-+]?0x[0-9a-fA-F_]+)$""", re.X), list("-+0123456789"))
+_Loader.add_implicit_resolver(_FLOAT, re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?
+                                                    |\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?
+                                                    |[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X),
+                              list("-+0123456789."))
+
+
 def load_yaml(path: str) -> dict:
+    """A YAML config file as plain data; any problem reading it is one UserError."""
     try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        if _flow_depth(text) > _MAX_DEPTH:
+            raise yaml.YAMLError(f"nested more than {_MAX_DEPTH} levels deep, far more than a config has")
+        raw = yaml.load(text, Loader=_Loader)
     except FileNotFoundError:
         raise UserError(f"config file not found: {path}") from None
     except OSError as e:
         raise UserError(f"cannot read config file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not UTF-8 text; give a YAML file") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise UserError(f"invalid YAML in {path}{where}: {getattr(e, 'problem', None) or e}") from None
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise UserError(f"invalid YAML in {path}{where}: {problem}") from None
     return raw or {}
 
 
@@ -313,24 +432,36 @@ def _all_fields():
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One option per field: --section.field, plus --field-name when the name is unique."""
+    """One option per field: --section.field, plus --field-name when the name is unique.
+
+    Booleans also work as plain flags (--quiet, and --no-quiet to turn one off); --data NAME and
+    --model NAME are short for --data.name and --model.name.
+    """
     counts = {}
     for _, f, _ in _all_fields():
         counts[f.name] = counts.get(f.name, 0) + 1
+    groups = {}
     for section, f, tp in _all_fields():
-        group = parser.add_argument_group(section)
+        group = groups.setdefault(section, parser.add_argument_group(section))
         names = [f"--{section}.{f.name}"]
         if counts[f.name] == 1:
             names.append("--" + f.name.replace("_", "-"))
+        if f.name == "name":
+            names.append(f"--{section}")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kwargs = dict(dest=f"{section}.{f.name}", default=argparse.SUPPRESS,
                       metavar=f.metadata.get("metavar") or _metavar(tp),
                       help=f"{f.metadata['help']} (default: {default})")
+        boolean = bool in (tp, *typing.get_args(tp))
         if f.name == "resume":
             kwargs.update(nargs="?", const="latest")
-        elif tp is bool:
+        elif boolean:
             kwargs.update(nargs="?", const="true")  # --elastic alone means --elastic true
         group.add_argument(*names, **kwargs)
+        if boolean:
+            group.add_argument(*(n.replace("--", "--no-", 1) for n in names[1:] or names), dest=f"{section}.{f.name}",
+                               action="store_const", const="false", default=argparse.SUPPRESS,
+                               help=f"same as {names[-1]} false")
 
 
 def _metavar(tp) -> str:
@@ -353,3 +484,55 @@ def from_args(config_path: Optional[str], overrides: dict) -> Config:
         if isinstance(values, dict):  # a malformed section is left for _build to report
             raw[section] = {**values, key: value}
     return _build(raw)
+
+
+# ---- resuming with another config ------------------------------------------------------------
+# A resumed run must stay one coherent run: these may not change (field -> why).
+FIXED_ON_RESUME = {
+    "data.name": "the data set", "data.train_samples": "the training set", "data.synthetic_samples": "the data set",
+    "data.synthetic_shape": "the data set", "data.synthetic_classes": "the data set", "model.name": "the model",
+    "run.seed": "the data order and augmentation",
+    "optim.momentum": "the optimizer state", "optim.weight_decay": "the optimizer state",
+    "optim.nesterov": "the optimizer state",
+}
+_PER_INVOCATION = ("run.resume", "run.stop_after_steps")  # not part of the run's config
+
+
+def _flat(tree: dict) -> dict:
+    return {f"{section}.{k}": v for section, values in tree.items() if isinstance(values, dict)
+            for k, v in values.items()}
+
+
+def resume_changes(saved: dict, cfg: Config, epoch: int, offset: int) -> dict:
+    """Compare a run's config with the one its checkpoint was saved with, at (epoch, offset).
+
+    Returns {'section.field': (old, new)} for the changes that are safe (more epochs, another
+    micro-batch cap, checkpointing, threads, ...). Raises UserError for those that would make the run
+    incoherent: the data set, the model, the seed, the optimizer's hyperparameters, the batch or LR of
+    an epoch already (partly) run, or fewer epochs than already run.
+    """
+    old, new = _flat(saved), _flat(to_dict(cfg))
+    changes = {k: (old[k], v) for k, v in new.items() if k in old and old[k] != v and k not in _PER_INVOCATION}
+    fix = "resume with the checkpoint's value (see config.yaml in the run dir), or start a fresh run.run_dir"
+    for key, (a, b) in changes.items():
+        if key in FIXED_ON_RESUME:
+            raise UserError(f"resume changes {key} from {a!r} to {b!r}, which would change {FIXED_ON_RESUME[key]} "
+                            f"of a run in progress; {fix}")
+    started = epoch + (offset > 0)  # epochs that are (partly) trained
+    if cfg.schedule.epochs < started:
+        raise UserError(f"--epochs {cfg.schedule.epochs} is below the checkpoint's position (epoch {epoch}, "
+                        f"{started} epochs started); give --epochs {started} or more")
+    try:
+        before = build_schedule(_build({s: {k: v for k, v in values.items() if k in _hints(_SECTION_TYPES[s])}
+                                        for s, values in saved.items() if s in _SECTION_TYPES}))
+    except (UserError, TypeError):
+        return changes  # a checkpoint from another version: nothing to compare the schedule with
+    after = build_schedule(cfg)
+    for e in range(min(started, before.epochs)):
+        was, now = (before.global_batch(e), before.lr_at(e)), (after.global_batch(e), after.lr_at(e))
+        warm = (before.warmup_epochs, before.warmup_start_factor) != (after.warmup_epochs, after.warmup_start_factor)
+        if was != now or (warm and e < max(before.warmup_epochs, after.warmup_epochs)):
+            keys = ", ".join(k for k in changes if k.startswith(("schedule.", "optim."))) or "the schedule"
+            raise UserError(f"resume changes {keys}, which changes epoch {e} (already run): global batch "
+                            f"{was[0]} -> {now[0]}, lr {was[1]:.5g} -> {now[1]:.5g}; {fix}")
+    return changes

@@ -10,7 +10,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import pickle
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -19,8 +18,10 @@ from typing import Iterable, Iterator, Protocol, Sequence
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError, suggest
+from .errors import UserError, one_line, suggest
 
+MAX_SYNTHETIC_SAMPLES = 100_000_000  # its labels alone take 800 MB
+MAX_CLASSES = 100_000  # ImageNet-21k has 21,841
 DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagenet", "synthetic")
 DEFAULT_ROOTS = {
     "fashion-mnist": "/usr/share/datasets/fashion-mnist",
@@ -168,7 +169,11 @@ class _SeededSamples(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, index = key
-        image, label = self.folder[index]
+        try:
+            image, label = self.folder[index]
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for a file that is not an image
+            raise UserError(f"cannot read image {self.folder.samples[index][0]} ({one_line(e)}); replace or "
+                            f"remove it") from None
         rng = torch.default_generator
         state = rng.get_state()
         rng.manual_seed(_mix(self.seed, epoch, index))
@@ -228,11 +233,14 @@ class FolderImages:
         this_pass = self._pass
         loader.batch_sampler.batches = batches
         done = 0
-        for batch in loader:  # iter() here, when the pass starts, resets the workers to these batches
-            if self._pass != this_pass:
-                break
-            done += 1
-            yield batch
+        try:
+            for batch in loader:  # iter() here, when the pass starts, resets the workers to these batches
+                if self._pass != this_pass:
+                    break
+                done += 1
+                yield batch
+        except UserError as e:  # from a worker process, its message carries the worker's traceback
+            raise UserError(str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1]) from None
         if done < len(batches):
             raise RuntimeError("FolderImages.iterate() was called again while an earlier pass was being read; "
                                "it serves one pass at a time")
@@ -247,6 +255,14 @@ def _read_idx_gz(path: str, reader):
         return reader(raw)
 
 
+def _check_labels(name: str, labels: torch.Tensor, num_classes: int, where: str, hint: str) -> None:
+    """Every label must name one of the classes, or the loss fails mid-epoch with an index error."""
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = labels[(labels < 0) | (labels >= num_classes)]
+        raise UserError(f"{name}: {len(bad)} labels in {where} are outside 0..{num_classes - 1} "
+                        f"(e.g. {bad[0].item()}); {hint}")
+
+
 def _fashion_mnist(root: str, train: bool, augment: bool, seed: int) -> InMemoryImages:
     from torchvision.datasets.mnist import read_image_file, read_label_file
 
@@ -259,10 +275,12 @@ def _fashion_mnist(root: str, train: bool, augment: bool, seed: int) -> InMemory
     try:
         images = _read_idx_gz(os.path.join(root, files[0]), read_image_file)
         labels = _read_idx_gz(os.path.join(root, files[1]), read_label_file)
-    except (OSError, EOFError, RuntimeError, ValueError, AssertionError) as e:
-        raise UserError(f"fashion-mnist: cannot read {files} in '{root}' ({e}); reinstall: {hint}") from e
-    if images.ndim != 3 or len(images) != len(labels):
-        raise UserError(f"fashion-mnist: {files} in '{root}' do not match in length; reinstall: {hint}")
+    except Exception as e:  # noqa: BLE001 - whatever a damaged file makes the reader raise
+        raise UserError(f"fashion-mnist: cannot read {files} in '{root}' ({one_line(e)}); reinstall: {hint}") from e
+    if images.ndim != 3 or len(images) != len(labels) or images.shape[1] != images.shape[2]:
+        raise UserError(f"fashion-mnist: {files} in '{root}' do not hold matching square images and labels "
+                        f"(images {tuple(images.shape)}, {len(labels)} labels); reinstall: {hint}")
+    _check_labels("fashion-mnist", labels, 10, os.path.join(root, files[1]), hint)
     pad, mean, std = _FASHION
     info = DatasetInfo(num_classes=10, in_channels=1, image_size=images.shape[-1])
     return InMemoryImages(images.unsqueeze(1), labels.long(), info, mean, std,
@@ -293,13 +311,19 @@ def _cifar(name: str, root: str, train: bool, augment: bool, seed: int) -> InMem
         ds = _unverified(cls)(root, train=train, download=False)
     except RuntimeError as e:
         raise UserError(f"{name}: no python-version {name.upper()} files in '{where}'; {hint}") from e
-    except (OSError, EOFError, pickle.UnpicklingError, KeyError, ValueError, TypeError) as e:
-        raise UserError(f"{name}: cannot read the files in '{where}' ({e!r}); re-{hint}") from e
+    except Exception as e:  # noqa: BLE001 - whatever a damaged pickle makes the reader raise
+        raise UserError(f"{name}: cannot read the files in '{where}' ({one_line(e)}); re-{hint}") from e
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+    try:
+        labels = torch.tensor(ds.targets, dtype=torch.long)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+        raise UserError(f"{name}: the labels in '{where}' are not integers ({e}); re-{hint}") from None
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise UserError(f"{name}: '{where}' holds {len(images)} images but {labels.numel()} labels; re-{hint}")
+    _check_labels(name, labels, len(ds.classes), where, f"re-{hint}")
     pad, mean, std = spec
     info = DatasetInfo(num_classes=len(ds.classes), in_channels=3, image_size=images.shape[-1])
-    return InMemoryImages(images, torch.tensor(ds.targets, dtype=torch.long), info, mean, std,
-                          pad=pad, augment=augment and train, seed=seed)
+    return InMemoryImages(images, labels, info, mean, std, pad=pad, augment=augment and train, seed=seed)
 
 
 def _imagenet(root: str, train: bool, augment: bool, seed: int) -> FolderImages:
@@ -336,7 +360,7 @@ def build_dataset(name: str, root: str | None, train: bool, *, augment: bool = T
     `augment` only applies to training splits; `seed` fixes augmentation (and the synthetic data).
     """
     if name not in DATASETS:
-        raise UserError(f"unknown data set '{name}'{suggest(name, DATASETS)}; choose one of {', '.join(DATASETS)}")
+        raise UserError(f"unknown data set {name!r}{suggest(name, DATASETS)}; choose one of {', '.join(DATASETS)}")
     root = DEFAULT_ROOTS[name] if root is None else str(root)
     if name == "fashion-mnist":
         return _fashion_mnist(root, train, augment, seed)
@@ -347,8 +371,11 @@ def build_dataset(name: str, root: str | None, train: bool, *, augment: bool = T
     shape = tuple(int(s) for s in synthetic_shape)
     if len(shape) != 3 or shape[1] != shape[2] or min(shape) < 1:
         raise UserError(f"synthetic_shape must be (channels, size, size), got {tuple(synthetic_shape)}")
-    if synthetic_samples < 1 or synthetic_classes < 1:
-        raise UserError(f"synthetic data needs samples >= 1 and classes >= 1, "
+    if shape[0] * shape[1] * shape[2] > SyntheticImages.POOL_BYTES:
+        raise UserError(f"synthetic_shape {shape} is {shape[0] * shape[1] * shape[2]} bytes per image, above the "
+                        f"{SyntheticImages.POOL_BYTES >> 20} MiB image pool; use a smaller shape")
+    if not (1 <= synthetic_samples <= MAX_SYNTHETIC_SAMPLES and 1 <= synthetic_classes <= MAX_CLASSES):
+        raise UserError(f"synthetic data needs 1..{MAX_SYNTHETIC_SAMPLES} samples and 1..{MAX_CLASSES} classes, "
                         f"got {synthetic_samples} and {synthetic_classes}")
     # The test split gets its own draw, so evaluating on it is not evaluating on training data.
     return SyntheticImages(synthetic_samples, shape, synthetic_classes, _mix(seed, int(train)))

@@ -7,6 +7,7 @@ line naming the device and exit code 4; anything else is a bug and keeps its tra
 import argparse
 import difflib
 import os
+import sys
 
 
 class UserError(ValueError):
@@ -46,6 +47,11 @@ def device_of(path) -> str:
     except (OSError, ValueError, IndexError):
         pass
     return f"the device holding {path}"
+
+
+def print_error(prog: str, e: BaseException) -> None:
+    """'PROG: error: MESSAGE' on stderr, always one line (a path or name in it may hold a newline)."""
+    print(f"{prog}: error: " + str(e).replace("\n", "\\n"), file=sys.stderr)
 
 
 def one_line(e: BaseException, limit: int = 200) -> str:

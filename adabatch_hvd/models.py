@@ -147,7 +147,7 @@ def _torchvision_model(name: str, info: DatasetInfo) -> nn.Module:
 
     known = torchvision.models.list_models(module=torchvision.models)
     if name not in known:
-        raise UserError(f"unknown model '{name}'{suggest(name, MODELS + tuple(known))}; choose one of "
+        raise UserError(f"unknown model {name!r}{suggest(name, MODELS + tuple(known))}; choose one of "
                         f"{', '.join(MODELS)} or a name from torchvision.models.list_models()")
     model = torchvision.models.get_model(name, weights=None, num_classes=info.num_classes)
     if info.in_channels != 3:

@@ -1,4 +1,10 @@
-"""What a person watching the run sees: log lines, a progress bar and TensorBoard (rank 0 only)."""
+"""What a person watching the run sees: log lines, a progress bar and TensorBoard (rank 0 only).
+
+TensorBoard gets per-epoch scalars in RUN_DIR/tb (x axis: epoch) and, every run.log_every_steps
+optimizer steps, per-step scalars in RUN_DIR/tb/steps (x axis: samples seen, which stays comparable
+when the batch grows). They are separate event directories because a resume purges the events a
+crashed run wrote after the checkpoint by step number, and the two axes have different numbers.
+"""
 
 from __future__ import annotations
 
@@ -19,21 +25,31 @@ EPOCH_SCALARS = {  # TensorBoard tag -> metrics.jsonl field
     "perf/allreduce_wait_share": "allreduce_wait_share", "world_size": "world_size",
 }
 
+STEP_SCALARS = ("step/train_loss", "step/lr", "step/global_batch", "step/samples_per_sec")
+
 
 class Monitor:
     """Receives the trainer's events; does nothing on ranks other than 0."""
 
-    def __init__(self, cfg: Config, main: bool, run_dir: Path, purge_step: int | None = None):
-        self.cfg, self.main, self.run_dir = cfg, main, run_dir
-        self.writer = None
+    def __init__(self, cfg: Config, main: bool, run_dir: Path, resume_at: tuple | None = None):
+        """`resume_at` = (epoch, samples seen) of the checkpoint a run resumes from, or None."""
+        self.cfg, self.main, self.run_dir, self.resume_at = cfg, main, run_dir, resume_at
         self.bar = None
         self.show_bar = main and not cfg.run.quiet and sys.stdout.isatty()
         self.step_seconds = self.sync_seconds = 0.0
-        if main:
+        self.steps = 0  # optimizer steps taken by this process
+        self._writers = {}
+
+    def writer(self, sub: str = ""):
+        """The TensorBoard writer of tb/ (or tb/SUB), made on first use so that a run that trains
+        nothing writes no event file; on resume, events at or after the checkpoint are purged."""
+        if sub not in self._writers:
             from torch.utils.tensorboard import SummaryWriter
 
-            # On resume, events at or after the resumed epoch (written before a crash) are dropped.
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=purge_step)
+            # a point at exactly the checkpoint's sample count was logged before the checkpoint
+            purge = None if self.resume_at is None else (self.resume_at[1] + 1 if sub else self.resume_at[0])
+            self._writers[sub] = SummaryWriter(log_dir=str(self.run_dir / "tb" / sub), purge_step=purge)
+        return self._writers[sub]
 
     def start(self, plans, world: int, epoch: int, global_step: int = 0) -> None:
         """(Re)start of the loop: at the beginning, after a resume and after every elastic reset."""
@@ -44,7 +60,7 @@ class Monitor:
                  plans[-1].global_batch, self.run_dir)
         if epoch or global_step:
             log.info("continuing at epoch %d, step %d", epoch, global_step)
-        self.writer.add_scalar("elastic/world_size", world, global_step)  # by optimizer step
+        self.writer().add_scalar("elastic/world_size", world, global_step)  # by optimizer step
 
     def resize(self, event: dict) -> None:
         """A world-size change: a log line and a TensorBoard text at the step where it took effect."""
@@ -53,8 +69,8 @@ class Monitor:
         text = (f"world size {event['from']} -> {event['to']} at step {event['global_step']} (epoch "
                 f"{event['epoch']}, sample offset {event['offset']}); global batch and LR as planned")
         log.info(text)
-        self.writer.add_text("elastic", text, event["global_step"])
-        self.writer.flush()
+        self.writer().add_text("elastic", text, event["global_step"])
+        self.writer().flush()
 
     def stage(self, plan, previous) -> None:
         if not self.main or (previous is not None and previous.stage == plan.stage):
@@ -66,7 +82,7 @@ class Monitor:
         if previous is not None:
             text += f" (was global batch {previous.global_batch}, lr {previous.lr:.5g})"
         log.info(text)
-        self.writer.add_text("stage", text, plan.epoch)
+        self.writer().add_text("stage", text, plan.epoch)
 
     def micro_batch_choice(self, plan, seconds_per_sample: dict, chosen: int) -> None:
         """schedule.max_micro_batch=auto timed its candidates (slowest rank's seconds per sample)."""
@@ -76,23 +92,41 @@ class Monitor:
                           for m, s in seconds_per_sample.items())
         text = f"stage {plan.stage}: micro-batch auto: tried {tried}; chose {chosen}"
         log.info(text)
-        self.writer.add_text("micro_batch", text, plan.epoch)
-        self.writer.add_scalar("batch/micro_auto", chosen, plan.epoch)
+        self.writer().add_text("micro_batch", text, plan.epoch)
+        self.writer().add_scalar("batch/micro_auto", chosen, plan.epoch)
 
-    def epoch_start(self, plan, samples: int) -> None:
+    def epoch_start(self, plan, epoch_samples: int, offset: int) -> None:
         self.step_seconds = self.sync_seconds = 0.0
         self.plan = plan
+        self.seen = plan.epoch * epoch_samples + offset  # samples seen since the run began
+        self._window, self._window_start = [0, 0.0], time.perf_counter()  # samples, loss sum since the last point
         if self.show_bar:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=samples, unit="sample", unit_scale=True, leave=False, dynamic_ncols=True,
-                            desc=f"epoch {plan.epoch} B={plan.global_batch}")
+            self.bar = tqdm(total=epoch_samples - offset, unit="sample", unit_scale=True, leave=False,
+                            dynamic_ncols=True, desc=f"epoch {plan.epoch} B={plan.global_batch}")
             self.t0 = time.perf_counter()
             self.done = 0
 
-    def step(self, size: int, loss: float, seconds: float, sync_seconds: float) -> None:
+    def step(self, size: int, loss: float, seconds: float, sync_seconds: float, lr: float) -> None:
+        """After each optimizer step: `size` samples (all ranks), rank 0's mean `loss`, the step's `lr`."""
         self.step_seconds += seconds
         self.sync_seconds += sync_seconds
+        self.steps += 1
+        self.seen += size
+        every = self.cfg.run.log_every_steps
+        if self.main and every:
+            self._window[0] += size
+            self._window[1] += loss * size
+            if self.steps % every == 0:
+                now = time.perf_counter()
+                samples, loss_sum = self._window
+                w = self.writer("steps")
+                w.add_scalar("step/train_loss", loss_sum / samples, self.seen)
+                w.add_scalar("step/lr", lr, self.seen)
+                w.add_scalar("step/global_batch", self.plan.global_batch, self.seen)
+                w.add_scalar("step/samples_per_sec", samples / max(now - self._window_start, 1e-9), self.seen)
+                self._window, self._window_start = [0, 0.0], now
         if self.bar is not None:
             self.done += size
             self.bar.update(size)
@@ -116,8 +150,9 @@ class Monitor:
                  record["micro_batch"], record["lr"], record["epoch_seconds"], record["samples_per_second"] or 0)
         for tag, key in EPOCH_SCALARS.items():
             if tensorboard and record.get(key) is not None:
-                self.writer.add_scalar(tag, record[key], record["epoch"])
-        self.writer.flush()
+                self.writer().add_scalar(tag, record[key], record["epoch"])
+        for w in self._writers.values():
+            w.flush()
 
     def finish(self, final: dict | None) -> None:
         """The end of the run: hyperparameters with the final metrics, and where everything went."""
@@ -127,7 +162,7 @@ class Monitor:
             hp = {f"{section}.{k}": (v if isinstance(v, (int, float, str, bool)) else str(v))
                   for section, values in to_dict(self.cfg).items() for k, v in values.items()}
             metrics = {f"hparam/{k}": final[k] for k in ("test_acc", "test_loss", "train_loss")}
-            self.writer.add_hparams(hp, metrics, run_name=".")
+            self.writer().add_hparams(hp, metrics, run_name=".")
         log.info("metrics: %s | log: %s | config: %s | TensorBoard: %s | checkpoints: %s",
                  self.run_dir / "metrics.jsonl", self.run_dir / "train.log", self.run_dir / "config.yaml",
                  self.run_dir / "tb", self.run_dir / "checkpoints")
@@ -136,6 +171,6 @@ class Monitor:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        for w in self._writers.values():
+            w.close()
+        self._writers = {}

@@ -1,7 +1,10 @@
-"""The run directory (rank 0): its checks, atomic writes, and metrics.jsonl.
+"""The run directory (rank 0): its checks, metrics.jsonl, config.yaml with its history, and leaving
+nothing behind when a run fails before its first step.
 
     RUN_DIR/metrics.jsonl          one JSON record per finished epoch
-    RUN_DIR/config.yaml, train.log, tb/, checkpoints/
+    RUN_DIR/config.yaml            the config the run is going on with
+    RUN_DIR/config-history.jsonl   one record per resume that changed it: what changed, and where
+    RUN_DIR/train.log, tb/, checkpoints/
 """
 
 from __future__ import annotations
@@ -10,7 +13,9 @@ import errno
 import json
 import logging
 import os
+import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from .errors import DiskFull, UserError
@@ -81,6 +86,42 @@ def check(run_dir: Path, resume) -> None:
         raise UserError(f"run dir {run_dir} is not writable; choose another run.run_dir")
 
 
+# ---- a run that fails before its first step leaves nothing behind --------------------------------
+def snapshot(run_dir) -> tuple:
+    """What exists before a run starts: the topmost missing directory on the way to `run_dir`
+    (None when it exists) and the names already in it."""
+    path, missing = Path(run_dir).absolute(), None
+    while not path.exists() and path != path.parent:
+        path, missing = path.parent, path
+    names = set(os.listdir(run_dir)) if missing is None and Path(run_dir).is_dir() else set()
+    return missing, names
+
+
+def discard(run_dir, before: tuple) -> None:
+    """Remove what a failed run created since `snapshot`: the files it added, or the run dir it made
+    (and the parents it made, as long as they are empty: another run may have started in one)."""
+    missing, names = before
+    run_dir = Path(run_dir).absolute()
+    if not run_dir.is_dir():
+        return
+    added = set(os.listdir(run_dir)) - names
+    if added & {"metrics.jsonl", "checkpoints"}:
+        return  # it did save something after all (an elastic restart resets the step count)
+    if missing is None:
+        for name in added:
+            path = run_dir / name
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    path = run_dir.parent
+    while path != missing.parent and path != path.parent:
+        try:
+            path.rmdir()
+        except OSError:
+            break
+        path = path.parent
+
+
 # ---- metrics.jsonl ----------------------------------------------------------------------------------
 def read_metrics(path: Path) -> list:
     """The records of a metrics.jsonl; a line that is not a JSON record with an integer epoch (a
@@ -113,3 +154,16 @@ def truncate_metrics(path: Path, epoch: int) -> None:
     text = "".join(json.dumps(r) + "\n" for r in keep)
     if text != path.read_text(errors="replace"):
         atomic_write(path, lambda f: f.write(text.encode()))
+
+
+# ---- config.yaml and its history -----------------------------------------------------------------
+def write_config(run_dir: Path, text: str, changes: dict, at: dict) -> None:
+    """Write config.yaml (when it differs) and, for a resume that changed something, a history record."""
+    path = run_dir / "config.yaml"
+    if not path.exists() or path.read_text(errors="replace") != text:
+        atomic_write(path, lambda f: f.write(text.encode()))
+    if changes:
+        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **at,
+                  "changes": {k: {"from": a, "to": b} for k, (a, b) in changes.items()}}
+        with open(run_dir / "config-history.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")

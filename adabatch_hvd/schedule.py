@@ -14,11 +14,15 @@ same epochs, so alpha/r follows the same path in both runs.
 
 from __future__ import annotations
 
+import bisect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence, Tuple
 
 from .errors import UserError
+
+MAX_EPOCHS = 100_000  # the plan holds one entry per epoch; far more than any real run
+MAX_BATCH = 2**40  # ~10^12 samples: more than any data set, and well inside int64
 
 SCALING_RULES = {
     "linear": lambda ratio: ratio,  # Goyal et al.: alpha proportional to B
@@ -61,18 +65,19 @@ class Schedule:
 
     def __post_init__(self):
         object.__setattr__(self, "stages", tuple((int(e), int(b)) for e, b in self.stages))
-        if self.epochs <= 0:
-            raise UserError(f"epochs must be > 0, got {self.epochs}")
+        if not 0 < self.epochs <= MAX_EPOCHS:
+            raise UserError(f"epochs must be > 0, got {self.epochs}" if self.epochs <= 0 else
+                            f"epochs must be at most {MAX_EPOCHS}, got {self.epochs}")
         if not self.lr > 0 or math.isinf(self.lr):
             raise UserError(f"learning rate must be a finite number > 0, got {self.lr}")
         if self.mode not in MODES:
-            raise UserError(f"unknown schedule mode '{self.mode}'; choose one of {', '.join(MODES)}")
+            raise UserError(f"unknown schedule mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if self.scaling not in SCALING_RULES:
-            raise UserError(f"unknown LR scaling rule '{self.scaling}'; choose one of {', '.join(SCALING_RULES)}")
+            raise UserError(f"unknown LR scaling rule {self.scaling!r}; choose one of {', '.join(SCALING_RULES)}")
         if not 0 < self.lr_decay <= 1:
             raise UserError(f"lr_decay must be in (0, 1], got {self.lr_decay} (1 means no step decay)")
-        if self.warmup_epochs < 0:
-            raise UserError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if not 0 <= self.warmup_epochs < math.inf:
+            raise UserError(f"warmup_epochs must be a finite number >= 0, got {self.warmup_epochs}")
         if not 0 < self.warmup_start_factor <= 1:
             raise UserError(f"warmup_start_factor must be in (0, 1], got {self.warmup_start_factor}")
         if self.reference_batch is not None and self.reference_batch <= 0:
@@ -88,13 +93,20 @@ class Schedule:
                 raise UserError(
                     f"growth factor must be > 1, got {self.growth_factor} (use mode=fixed for a constant batch)"
                 )
+            if not self.growth_factor < math.inf:
+                raise UserError(f"growth factor must be a finite number, got {self.growth_factor}")
         if self.max_batch is not None and self.max_batch < self.first_batch:
             raise UserError(
                 f"max batch {self.max_batch} is below the initial batch {self.first_batch}; "
                 f"raise max_batch or lower the initial batch"
             )
-        for e in range(self.epochs):  # non-integral growth (e.g. 1.5 x 5) shows up here
-            self.global_batch(e)
+        for stage, e in enumerate(self.boundaries()):  # non-integral growth (e.g. 1.5 x 5) shows up here
+            batch, lr = self.global_batch(e), self.lr_at(e)
+            if batch > MAX_BATCH:
+                raise _too_big(e, stage)
+            if not 0 < lr < math.inf:
+                raise UserError(f"the learning rate becomes {lr} at epoch {e} (stage {stage}); it must stay a finite "
+                                f"number > 0: change optim.lr, lr_decay or the scaling rule")
 
     def _check_stages(self):
         epochs = [e for e, _ in self.stages]
@@ -115,10 +127,13 @@ class Schedule:
         """Epochs at which a stage starts (0 included); the LR decays at every later one."""
         if self.stages:
             return [e for e, _ in self.stages if e < self.epochs]
-        return list(range(0, self.epochs, self.interval))
+        return range(0, self.epochs, self.interval)
 
     def stage_of(self, epoch: float) -> int:
-        return sum(1 for b in self.boundaries() if b <= epoch) - 1
+        if self.stages:
+            return bisect.bisect_right(self.boundaries(), epoch) - 1
+        last = (self.epochs - 1) // self.interval
+        return min(int(epoch // self.interval), last) if epoch >= 0 else -1
 
     def global_batch(self, epoch: int) -> int:
         stage = self.stage_of(epoch)
@@ -128,6 +143,11 @@ class Schedule:
             batch = self.stages[stage][1]
         else:
             g = self.growth_factor
+            limit = self.max_batch or MAX_BATCH
+            if stage * math.log(g) > math.log(limit) + 1:  # far beyond the cap: don't compute g**stage
+                if self.max_batch is None:
+                    raise _too_big(epoch, stage)
+                return self.max_batch
             exact = self.initial_batch * (int(g) ** stage if float(g).is_integer() else g**stage)
             if self.max_batch is not None and exact >= self.max_batch:
                 return self.max_batch
@@ -192,7 +212,19 @@ class Schedule:
 
     def plan(self, world_size: int, max_micro_batch=None, even: bool = True) -> list:
         """Every epoch resolved; raises on the first impossible one, before anything trains."""
-        return [self.resolve(e, world_size, max_micro_batch, even) for e in range(self.epochs)]
+        plans = []
+        for e in range(self.epochs):
+            last = plans[-1] if plans else None
+            if last is not None and last.epoch >= self.warmup_epochs and last.stage == self.stage_of(e):
+                plans.append(replace(last, epoch=e))  # the same stage after warmup: the same numbers
+            else:
+                plans.append(self.resolve(e, world_size, max_micro_batch, even))
+        return plans
+
+
+def _too_big(epoch, stage) -> UserError:
+    return UserError(f"the global batch exceeds {MAX_BATCH} (2^40) at epoch {epoch} (stage {stage}); "
+                     f"set schedule.max_batch, or use smaller batches or fewer stages")
 
 
 def parse_stages(spec) -> Tuple[Tuple[int, int], ...]:
@@ -207,5 +239,5 @@ def parse_stages(spec) -> Tuple[Tuple[int, int], ...]:
             e, b = item.split(":")
             out.append((int(e), int(b)))
         except ValueError:
-            raise UserError(f"bad stage '{item}': write stages as epoch:global_batch, e.g. 0:128,20:256") from None
+            raise UserError(f"bad stage {item!r}: write stages as epoch:global_batch, e.g. 0:128,20:256") from None
     return tuple(out)

@@ -20,7 +20,7 @@ import torch
 
 from . import checkpoint, dist, rundir, sampler
 from .accumulation import Accumulator
-from .config import Config, build_schedule, dump_yaml, to_dict
+from .config import Config, build_schedule, dump_yaml, resume_changes, to_dict
 from .data import build_dataset
 from .errors import UserError
 from .microbatch import MicroBatchTuner
@@ -133,6 +133,7 @@ class Trainer:
                                oom_guard=self.auto_micro and self.device.type == "cuda")
         self.state = TrainState()
         self.resumed_from = None  # pruning keeps it for as long as this process runs
+        self.config_changes = {}  # rank 0: what a resume changed, {key: (old, new)}
         self.monitor, self.log_file = None, None
         self.started = False  # set by the first sync(): the run dir is agreed on and the position known
         self.elastic = dist.ElasticState(self) if cfg.run.elastic else None
@@ -161,9 +162,10 @@ class Trainer:
             self.log_file.setFormatter(logging.root.handlers[0].formatter if logging.root.handlers else None)
             logging.getLogger("adabatch_hvd").addHandler(self.log_file)
         if monitor:
-            # On resume, TensorBoard events at or after the resumed epoch (written before a crash) are dropped.
-            purge = self.state.epoch if self.cfg.run.resume else None
-            self.monitor = Monitor(self.cfg, self.main, self.run_dir, purge_step=purge)
+            # On resume, TensorBoard events after the resume point (written before a crash) are dropped.
+            st = self.state
+            resume_at = (st.epoch, st.epoch * self.n_train + st.offset) if self.cfg.run.resume else None
+            self.monitor = Monitor(self.cfg, self.main, self.run_dir, resume_at)
 
     def _close_files(self) -> None:
         if self.monitor is not None:
@@ -192,8 +194,14 @@ class Trainer:
         if not self.started:
             self.started = True
             self.bind_world()
+        st = self.state
+        if fresh and self.main and st.epoch < self.schedule.epochs:
+            rundir.write_config(self.run_dir, dump_yaml(cfg), self.config_changes,
+                                {"epoch": st.epoch, "offset": st.offset, "global_step": st.global_step})
+        elif fresh and self.main:  # a finished run resumed with no more epochs: leave its files alone
+            log.info("nothing to train: the checkpoint is at the end of epoch %d and --epochs is %d; give "
+                     "--epochs %d or more to train further", st.epoch - 1, self.schedule.epochs, st.epoch + 1)
         if fresh and self.main:
-            (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
             if has_batchnorm(self.model) and (self.auto_micro or any(p.accum_steps > 1 for p in self.plans)):
                 log.warning("%s has BatchNorm: with gradient accumulation it normalizes each micro-batch, "
                             "not the global batch, so accumulated updates are not exactly the large-batch "
@@ -271,7 +279,7 @@ class Trainer:
     def _train_epoch(self, plan, steps_this_process):
         cfg, n, st = self.cfg, self.n_train, self.state
         t0 = time.perf_counter()
-        self.monitor.epoch_start(plan, n - st.offset)
+        self.monitor.epoch_start(plan, n, st.offset)
         local = torch.zeros(4, dtype=torch.float64)
         for step, size, samples, micro in self._steps(plan):
             self._set_lr(self.schedule.lr_at(st.epoch + step.start / n))
@@ -292,7 +300,8 @@ class Trainer:
             local += torch.tensor([float(loss_sum), float(correct), float(count), digest], dtype=torch.float64)
             st.offset, st.global_step = step.start + step.size, st.global_step + 1
             steps_this_process += 1
-            self.monitor.step(step.size, step_loss, time.perf_counter() - t_step, self.acc.sync_seconds)
+            self.monitor.step(step.size, step_loss, time.perf_counter() - t_step, self.acc.sync_seconds,
+                              self.optimizer.param_groups[0]["lr"])
             if self.auto_micro and st.micro.probing and st.micro.record((time.perf_counter() - t_step) / step.size):
                 self._choose_micro_batch(plan)
             if self.resize is not None:
@@ -436,7 +445,7 @@ class Trainer:
             **self.state.state_dict(),
             "stage": self.plans[min(self.state.epoch, len(self.plans) - 1)].stage,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "model_name": self.cfg.model.name, "num_classes": self.train_set.info.num_classes,
+            "model_name": self.cfg.model.name, "num_classes": self.train_set.info.num_classes, "n_train": self.n_train,
             "config": to_dict(self.cfg), "versions": library_versions(),
         }
 
@@ -472,6 +481,15 @@ class Trainer:
             raise UserError(f"checkpoint {path} is for model '{state['model_name']}' with "
                             f"{state['num_classes']} classes, not '{self.cfg.model.name}' with "
                             f"{self.train_set.info.num_classes}; use a fresh run.run_dir or the matching model")
+        self.config_changes = resume_changes(state["config"], self.cfg, state["epoch"], state["offset"])
+        if state.get("n_train", self.n_train) != self.n_train:
+            raise UserError(f"the training set has {self.n_train} samples, but checkpoint {path} was trained on "
+                            f"{state['n_train']} (is data.root another copy of the data?); give the same data, "
+                            f"or start a fresh run.run_dir")
+        if state["world_size"] != self.world:
+            self.config_changes["world_size"] = (state["world_size"], self.world)
+        for key, (old, new) in self.config_changes.items():
+            log.info("resume changes %s: %r -> %r", key, old, new)
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as e:

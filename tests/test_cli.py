@@ -77,6 +77,7 @@ CASES = {
     "resume from a missing file": (["--resume", "/nonexistent/ckpt.pt"], "no checkpoint found in /nonexistent/ckpt.pt"),
     "elastic without an elastic launch": (["--elastic"], "run.elastic needs an elastic launch: launch/run-elastic.sh"),
     "commit every 0": (["--commit-every", "0"], "run.commit_every must be >= 1, got 0"),
+    "empty run dir": (["--run-dir", ""], "run.run_dir is empty; give a directory"),
 }
 FILE_CASES = {
     "broken.yaml": "invalid YAML in",
