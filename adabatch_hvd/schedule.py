@@ -194,7 +194,7 @@ class Schedule:
         per_worker = -(-gb // world_size)
         accum = 1 if max_micro_batch is None else -(-per_worker // max_micro_batch)
         if even and per_worker % accum:
-            fits = [d for d in range(max_micro_batch, 0, -1) if per_worker % d == 0][:2]
+            fits = _divisors(per_worker, max_micro_batch)[:2]
             raise UserError(
                 f"per-worker batch {per_worker} (global {gb} / {world_size} workers, epoch {epoch}) does not split "
                 f"into {accum} equal micro-batches of at most {max_micro_batch}; "
@@ -220,6 +220,16 @@ class Schedule:
             else:
                 plans.append(self.resolve(e, world_size, max_micro_batch, even))
         return plans
+
+
+def _divisors(n: int, limit: int) -> list:
+    """The divisors of n up to limit, largest first; by trial division up to sqrt(n) (2^20 steps at
+    most), not by counting down from limit, which may be ~2^40."""
+    found = set()
+    for d in range(1, math.isqrt(n) + 1):
+        if n % d == 0:
+            found.update((d, n // d))
+    return sorted((d for d in found if d <= limit), reverse=True)
 
 
 def _too_big(epoch, stage) -> UserError:

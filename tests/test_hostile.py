@@ -198,6 +198,14 @@ def test_a_huge_epoch_count_is_refused_at_once():
     assert len(plans) == MAX_EPOCHS and plans[-1].global_batch == 4096  # the largest allowed plan is built
 
 
+def test_an_indivisible_huge_batch_is_answered_at_once():
+    # per-worker batch 2^40 - 3 (odd) with micro-batches of at most 2^39: 2 steps of unequal size; the
+    # suggested caps are the largest divisors (2^40 - 3 = 13 x 84577817521), found without counting down from 2^39
+    schedule = Schedule(initial_batch=2**40 - 3, epochs=1, lr=0.1, mode="fixed")
+    with pytest.raises(UserError, match="a divisor of 1099511627773, e.g. 84577817521 or 13"):
+        schedule.plan(1, 2**39)
+
+
 @fast(100)
 @given(st.one_of(st.text(max_size=30), st.lists(st.one_of(st.text(max_size=8), st.integers()), max_size=4)))
 def test_stage_specs(spec):
