@@ -313,6 +313,8 @@ def _cifar(name: str, root: str, train: bool, augment: bool, seed: int) -> InMem
         raise UserError(f"{name}: no python-version {name.upper()} files in '{where}'; {hint}") from e
     except Exception as e:  # noqa: BLE001 - whatever a damaged pickle makes the reader raise
         raise UserError(f"{name}: cannot read the files in '{where}' ({one_line(e)}); re-{hint}") from e
+    if ds.data.dtype != "uint8":
+        raise UserError(f"{name}: the images in '{where}' are {ds.data.dtype}, not 8-bit pixels; re-{hint}")
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
     try:
         labels = torch.tensor(ds.targets, dtype=torch.long)

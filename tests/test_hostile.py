@@ -12,6 +12,7 @@ import gzip
 import io
 import json
 import math
+import os
 import pickle
 import struct
 import tempfile
@@ -35,8 +36,13 @@ TORCHVISION_MODELS = tuple(torchvision.models.list_models(module=torchvision.mod
 FIELDS = {f"{section}.{f.name}": tp for section, f, tp in config._all_fields()}
 
 
+# The suite runs the same cases every time (derandomized: no run fails by chance); HOSTILE_FUZZ_SCALE=N runs
+# N times as many from a random seed, to look for new failures (a failure prints the example to add).
+SCALE = int(os.environ.get("HOSTILE_FUZZ_SCALE", "1"))
+
+
 def fast(examples: int):
-    return settings(max_examples=examples, deadline=None,
+    return settings(max_examples=examples * SCALE, deadline=None, derandomize=SCALE == 1, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
 
@@ -265,6 +271,8 @@ def cifar_pickles():
 
 @fast(80)
 @given(cifar_pickles())
+@example(({"data": np.zeros((1, 3072), dtype=np.float32), "labels": [0]}, {"data": np.zeros((0, 3072)), "labels": []},
+          {"label_names": ["a"]}))  # float pixels
 def test_cifar_files(files):
     train_entry, test_entry, meta = files
     with tempfile.TemporaryDirectory() as d:
