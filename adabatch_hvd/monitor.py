@@ -1,9 +1,11 @@
 """What a person watching the run sees: log lines, a progress bar and TensorBoard (rank 0 only).
 
-TensorBoard gets per-epoch scalars in RUN_DIR/tb (x axis: epoch) and, every run.log_every_steps
-optimizer steps, per-step scalars in RUN_DIR/tb/steps (x axis: samples seen, which stays comparable
-when the batch grows). They are separate event directories because a resume purges the events a
-crashed run wrote after the checkpoint by step number, and the two axes have different numbers.
+TensorBoard gets per-epoch scalars in RUN_DIR/tb (x axis: epoch) and, in RUN_DIR/tb/steps, scalars
+on the x axis *samples seen*, which stays comparable when the batch grows: every run.log_every_steps
+optimizer steps the train loss, LR, batch and throughput, and the world size at every (re)start and
+change. They are separate event directories because TensorBoard purges the events of a crashed run
+(or of steps an elastic rollback undid) by step number across every tag of a directory, and the two
+axes number differently.
 """
 
 from __future__ import annotations
@@ -31,9 +33,15 @@ STEP_SCALARS = ("step/train_loss", "step/lr", "step/global_batch", "step/samples
 class Monitor:
     """Receives the trainer's events; does nothing on ranks other than 0."""
 
-    def __init__(self, cfg: Config, main: bool, run_dir: Path, resume_at: tuple | None = None):
-        """`resume_at` = (epoch, samples seen) of the checkpoint a run resumes from, or None."""
-        self.cfg, self.main, self.run_dir, self.resume_at = cfg, main, run_dir, resume_at
+    def __init__(self, cfg: Config, main: bool, run_dir: Path, epoch_samples: int, epoch: int, offset: int,
+                 resumed: bool):
+        """Training goes on from sample `offset` of `epoch` (`epoch_samples` samples each); `resumed`:
+        from a checkpoint."""
+        self.cfg, self.main, self.run_dir, self.epoch_samples = cfg, main, run_dir, epoch_samples
+        self.seen = epoch * epoch_samples + offset  # samples seen since the run began
+        # Events beyond that point were written by a crashed run (resume) or by steps that an elastic
+        # rollback undid; a point at exactly `seen` samples was logged before the checkpoint or commit.
+        self._purge = {"": epoch if resumed else None, "steps": self.seen + 1}
         self.bar = None
         self.show_bar = main and not cfg.run.quiet and sys.stdout.isatty()
         self.step_seconds = self.sync_seconds = 0.0
@@ -42,13 +50,11 @@ class Monitor:
 
     def writer(self, sub: str = ""):
         """The TensorBoard writer of tb/ (or tb/SUB), made on first use so that a run that trains
-        nothing writes no event file; on resume, events at or after the checkpoint are purged."""
+        nothing writes no event file; events beyond where training goes on from are purged."""
         if sub not in self._writers:
             from torch.utils.tensorboard import SummaryWriter
 
-            # a point at exactly the checkpoint's sample count was logged before the checkpoint
-            purge = None if self.resume_at is None else (self.resume_at[1] + 1 if sub else self.resume_at[0])
-            self._writers[sub] = SummaryWriter(log_dir=str(self.run_dir / "tb" / sub), purge_step=purge)
+            self._writers[sub] = SummaryWriter(log_dir=str(self.run_dir / "tb" / sub), purge_step=self._purge[sub])
         return self._writers[sub]
 
     def start(self, plans, world: int, epoch: int, global_step: int = 0) -> None:
@@ -60,17 +66,18 @@ class Monitor:
                  plans[-1].global_batch, self.run_dir)
         if epoch or global_step:
             log.info("continuing at epoch %d, step %d", epoch, global_step)
-        self.writer().add_scalar("elastic/world_size", world, global_step)  # by optimizer step
+        self.writer("steps").add_scalar("elastic/world_size", world, self.seen)
 
     def resize(self, event: dict) -> None:
-        """A world-size change: a log line and a TensorBoard text at the step where it took effect."""
+        """A world-size change: a log line and a TensorBoard text where it took effect (samples seen)."""
         if not self.main:
             return
         text = (f"world size {event['from']} -> {event['to']} at step {event['global_step']} (epoch "
                 f"{event['epoch']}, sample offset {event['offset']}); global batch and LR as planned")
         log.info(text)
-        self.writer().add_text("elastic", text, event["global_step"])
-        self.writer().flush()
+        w = self.writer("steps")
+        w.add_text("elastic", text, event["epoch"] * self.epoch_samples + event["offset"])
+        w.flush()
 
     def stage(self, plan, previous) -> None:
         if not self.main or (previous is not None and previous.stage == plan.stage):
@@ -98,7 +105,7 @@ class Monitor:
     def epoch_start(self, plan, epoch_samples: int, offset: int) -> None:
         self.step_seconds = self.sync_seconds = 0.0
         self.plan = plan
-        self.seen = plan.epoch * epoch_samples + offset  # samples seen since the run began
+        self.seen = plan.epoch * epoch_samples + offset
         self._window, self._window_start = [0, 0.0], time.perf_counter()  # samples, loss sum since the last point
         if self.show_bar:
             from tqdm import tqdm
@@ -108,8 +115,9 @@ class Monitor:
             self.t0 = time.perf_counter()
             self.done = 0
 
-    def step(self, size: int, loss: float, seconds: float, sync_seconds: float, lr: float) -> None:
-        """After each optimizer step: `size` samples (all ranks), rank 0's mean `loss`, the step's `lr`."""
+    def step(self, size: int, loss: float, seconds: float, sync_seconds: float, lr: float, global_step: int) -> None:
+        """After each optimizer step: `size` samples (all ranks), rank 0's mean `loss`, the step's `lr`;
+        `global_step` counts the run's steps (the points fall on the same steps after a resume)."""
         self.step_seconds += seconds
         self.sync_seconds += sync_seconds
         self.steps += 1
@@ -118,7 +126,7 @@ class Monitor:
         if self.main and every:
             self._window[0] += size
             self._window[1] += loss * size
-            if self.steps % every == 0:
+            if global_step % every == 0:
                 now = time.perf_counter()
                 samples, loss_sum = self._window
                 w = self.writer("steps")

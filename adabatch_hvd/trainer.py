@@ -162,10 +162,9 @@ class Trainer:
             self.log_file.setFormatter(logging.root.handlers[0].formatter if logging.root.handlers else None)
             logging.getLogger("adabatch_hvd").addHandler(self.log_file)
         if monitor:
-            # On resume, TensorBoard events after the resume point (written before a crash) are dropped.
             st = self.state
-            resume_at = (st.epoch, st.epoch * self.n_train + st.offset) if self.cfg.run.resume else None
-            self.monitor = Monitor(self.cfg, self.main, self.run_dir, resume_at)
+            self.monitor = Monitor(self.cfg, self.main, self.run_dir, self.n_train, st.epoch, st.offset,
+                                   resumed=bool(self.cfg.run.resume))
 
     def _close_files(self) -> None:
         if self.monitor is not None:
@@ -301,7 +300,7 @@ class Trainer:
             st.offset, st.global_step = step.start + step.size, st.global_step + 1
             steps_this_process += 1
             self.monitor.step(step.size, step_loss, time.perf_counter() - t_step, self.acc.sync_seconds,
-                              self.optimizer.param_groups[0]["lr"])
+                              self.optimizer.param_groups[0]["lr"], st.global_step)
             if self.auto_micro and st.micro.probing and st.micro.record((time.perf_counter() - t_step) / step.size):
                 self._choose_micro_batch(plan)
             if self.resize is not None:

@@ -218,12 +218,20 @@ def test_world_size_changes_in_metrics_and_tensorboard(elastic):
     assert elastic["changes"][0]["from"] == 3 and recs[-1]["world_size"] == 2
     steps = [c["global_step"] for c in elastic["changes"]]
     assert steps == sorted(steps)
-    acc = EventAccumulator(str(elastic["job"].run_dir / "tb"), size_guidance={"scalars": 0, "tensors": 0})
-    acc.Reload()
-    sizes = [(e.step, e.value) for e in acc.Scalars("elastic/world_size")]  # in the order written
+
+    def events(sub):
+        acc = EventAccumulator(str(elastic["job"].run_dir / sub), size_guidance={"scalars": 0, "tensors": 0})
+        acc.Reload()
+        return acc
+
+    by_epoch, by_samples = events("tb"), events("tb/steps")
+    # The world size on the per-step axis (samples seen), a point at each (re)start; epoch records by epoch.
+    sizes = [(e.step, e.value) for e in by_samples.Scalars("elastic/world_size")]  # in the order written
     values = [v for _, v in sizes]
     assert [v for i, v in enumerate(values) if i == 0 or v != values[i - 1]] == [3, 2, 3, 2], sizes
-    assert {s for s, _ in sizes} >= set(steps)  # a point at each step where the world changed
-    assert [e.value for e in acc.Scalars("world_size")] == [r["world_size"] for r in recs]
-    texts = [t.tensor_proto.string_val[0].decode() for t in acc.Tensors("elastic/text_summary")]
+    seen = [c["epoch"] * N_TRAIN + c["offset"] for c in elastic["changes"]]
+    assert {s for s, _ in sizes} >= set(seen)  # a point where each change took effect
+    assert "elastic/world_size" not in by_epoch.Tags()["scalars"]
+    assert [e.value for e in by_epoch.Scalars("world_size")] == [r["world_size"] for r in recs]
+    texts = [t.tensor_proto.string_val[0].decode() for t in by_samples.Tensors("elastic/text_summary")]
     assert len(texts) == 3 and "3 -> 2" in texts[0] and "2 -> 3" in texts[1] and "3 -> 2" in texts[2], texts

@@ -206,7 +206,9 @@ def test_tensorboard_per_step_on_samples_seen_survives_a_resume(tmp_path):
     # 64 samples: epochs 0-1 at batch 16 (4 steps each), epoch 2 at batch 32 (2 steps); a point every 2 steps
     expected = [32, 64, 96, 128, 192]
     steps = scalars(run / "tb" / "steps")
-    assert sorted(steps) == ["step/global_batch", "step/lr", "step/samples_per_sec", "step/train_loss"]
+    assert sorted(steps) == ["elastic/world_size", "step/global_batch", "step/lr", "step/samples_per_sec",
+                             "step/train_loss"]
+    assert steps["elastic/world_size"] == [(0, 1)]  # at the start, on the same axis
     assert [s for s, _ in steps["step/train_loss"]] == expected
     assert [v for _, v in steps["step/global_batch"]] == [16, 16, 16, 16, 32]
     assert [v for _, v in steps["step/lr"]] == pytest.approx([0.05] * 4 + [0.05 * 2 * 0.375])
@@ -218,5 +220,7 @@ def test_tensorboard_per_step_on_samples_seen_survives_a_resume(tmp_path):
     older = run / "checkpoints" / "ckpt-e0001-s000000004.pt"
     again = train("--epochs", "3", "--log-every-steps", "2", "--run-dir", run, "--resume", older)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert [s for s, _ in scalars(run / "tb" / "steps")["step/train_loss"]] == expected
+    steps = scalars(run / "tb" / "steps")
+    assert [s for s, _ in steps["step/train_loss"]] == expected
+    assert steps["elastic/world_size"] == [(0, 1), (64, 1)]  # the resumed start: 1 epoch of 64 samples seen
     assert [s for s, _ in scalars(run / "tb")["train/loss"]] == [0, 1, 2]
