@@ -43,6 +43,7 @@ note() { summary+=("$*"); log "$*"; }
 mkdir -p "$OUT"
 : >"$OUT/summary.txt"
 started_dockerd=""
+forward_policy=""
 cleanup() {
   local rc=$?
   if [ -S /var/run/docker.sock ]; then
@@ -55,6 +56,9 @@ cleanup() {
     kill "$started_dockerd" 2>/dev/null || true
     wait "$started_dockerd" 2>/dev/null || true
     log "stopped the dockerd this check started (pid $started_dockerd)"
+    if [ -n "${forward_policy:-}" ]; then
+      iptables -P FORWARD "$forward_policy" && log "iptables FORWARD policy put back to $forward_policy"
+    fi
   fi
   rm -rf "$WORK"
   exit "$rc"
@@ -78,6 +82,9 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 if ! "$DOCKER" info >/dev/null 2>&1; then
   log "starting dockerd (log: $OUT/dockerd.log)"
+  # dockerd sets the FORWARD policy to DROP, which cuts bridged network namespaces (the test
+  # cluster); the policy found here is put back when this dockerd is stopped.
+  forward_policy=$(iptables -S FORWARD 2>/dev/null | sed -n 's/^-P FORWARD //p')
   dockerd --storage-driver=overlay2 >"$OUT/dockerd.log" 2>&1 &
   started_dockerd=$!
   for _ in $(seq 60); do "$DOCKER" info >/dev/null 2>&1 && break; sleep 1; done
