@@ -1,6 +1,7 @@
 """Bad input: one clear line on stderr, exit code 2, no traceback, nothing saved is lost."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -120,8 +121,11 @@ def test_indivisible_batch_under_horovodrun_exits_2_on_every_rank(tmp_path):
                        "--run-dir", tmp_path / "run", "--initial-batch", "125"], check=False, timeout=300)
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
-    assert out.count("adabatch-train: error: global batch 125 (epoch 0, stage 0) is not divisible by the world "
-                     "size 2") == 2, out[-3000:]
+    # Every rank finds the error and exits 2; horovodrun ends the job at the first exit, so the other
+    # rank may be killed before it prints (seen under load): one or two lines, never another kind.
+    line = "adabatch-train: error: global batch 125 (epoch 0, stage 0) is not divisible by the world size 2"
+    assert 1 <= out.count(line) <= 2, out[-3000:]
+    assert re.search(r"Process [01] exit with status code 2", out), out[-3000:]
     assert "<stderr>:Traceback" not in out  # no rank printed one (horovodrun itself reports the failure)
 
 
