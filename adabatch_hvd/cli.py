@@ -1,7 +1,8 @@
 """Command-line entry points: adabatch-train (python -m adabatch_hvd) and adabatch-plan.
 
 A mistake in the input ends with one line on stderr and exit code 2; a NaN/Inf loss with exit
-code 3; a full disk with exit code 4; anything else is a bug and keeps its traceback.
+code 3; a full disk with exit code 4; a stop request (SIGTERM, SIGUSR1; see signals.py) with a checkpoint
+and exit code 75; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import sys
 
 from . import config, sampler
-from .errors import DiskFull, OneLineParser, UserError, print_error
+from .errors import EXIT_STOPPED, DiskFull, OneLineParser, UserError, print_error
 
 # Training-set sizes, so that adabatch-plan works without the data on disk.
 TRAIN_SIZES = {"fashion-mnist": 60000, "cifar10": 50000, "cifar100": 50000, "imagenet": 1281167}
@@ -62,10 +63,16 @@ def train_main(argv=None) -> int:
         dist.init(cfg.run.threads, cfg.comm.horovod_env())
         _setup_logging(dist.rank)
         try:
-            _train(cfg)
+            trainer = _train(cfg)
         except NonFiniteLoss as e:
             print_error(prog, e)
             return 3
+        if trainer.stop.agreed:
+            if dist.is_main():
+                print(f"{prog}: stopped on request ({trainer.stop.received or 'a signal to another rank'}) with "
+                      f"a checkpoint in {trainer.ckpt_dir}; the same command with --resume auto continues",
+                      file=sys.stderr)
+            return EXIT_STOPPED
     except UserError as e:
         print_error(prog, e)
         return 2
@@ -81,7 +88,7 @@ def train_main(argv=None) -> int:
     return 0
 
 
-def _train(cfg: config.Config) -> None:
+def _train(cfg: config.Config):
     """Build and run the trainer; if it fails before its first optimizer step, rank 0 removes what
     this run created in the run dir (a fresh run leaves no run dir at all)."""
     from . import dist, rundir
@@ -96,6 +103,7 @@ def _train(cfg: config.Config) -> None:
         if dist.rank() == 0 and (trainer is None or trainer.monitor is None or not trainer.monitor.steps):
             rundir.discard(cfg.run.run_dir, before)
         raise
+    return trainer
 
 
 def plan_table(cfg: config.Config, world_size: int, num_samples: int) -> str:

@@ -173,8 +173,9 @@ class RunConfig:
     threads: int = _f(0, "torch CPU threads per rank (0 = cores / local ranks)")
     device: str = _f("auto", "auto (cuda:local_rank when available), cpu, or cuda (also written gpu)")
     quiet: bool = _f(False, "no progress bar")
-    resume: Optional[str] = _f(None, "checkpoint to resume from: a path, or 'latest' (also true) for RUN_DIR's "
-                                     "newest", parse=lambda v: _resume_value(v))
+    resume: Optional[str] = _f(None, "checkpoint to resume from: a path, 'latest' (also true) for RUN_DIR's "
+                                     "newest, or 'auto': the newest if there is one, else start fresh (requeued "
+                                     "jobs)", parse=lambda v: _resume_value(v))
     stop_after_steps: int = _f(0, "stop (with a checkpoint) after this many optimizer steps in this process; 0 = no limit")
     log_every_steps: int = _f(50, "TensorBoard: train loss, LR, batch and throughput every N optimizer steps "
                                   "(x axis: samples seen); 0 = per epoch only")

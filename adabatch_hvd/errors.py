@@ -9,6 +9,10 @@ import difflib
 import os
 import sys
 
+# The exit code of a run stopped on request (SIGTERM, SIGUSR1; see signals.py) after writing a
+# checkpoint: sysexits' EX_TEMPFAIL, "try again later". The same command with --resume auto continues.
+EXIT_STOPPED = 75
+
 
 class UserError(ValueError):
     """A problem with the user's input; the message says what is wrong and how to fix it."""

@@ -26,6 +26,7 @@ from .errors import UserError
 from .microbatch import MicroBatchTuner
 from .models import build_model, has_batchnorm
 from .monitor import Monitor
+from .signals import StopRequest
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,7 @@ class Trainer:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.stop = StopRequest()  # first: a SIGTERM during set-up stops the run at its first step
         self.device = pick_device(cfg.run.device)
         self.schedule = build_schedule(cfg)
         self.run_dir = Path(cfg.run.run_dir)
@@ -186,8 +188,11 @@ class Trainer:
         if fresh:
             _agree(lambda: rundir.check(self.run_dir, cfg.run.resume) if self.main else None)
             self._open_files(monitor=False)  # the resume is logged to train.log too
-            if cfg.run.resume:
-                self._resume(cfg.run.resume)
+            resume = cfg.run.resume
+            if resume == "auto":
+                resume = dist.broadcast_object(_auto_resume(self.run_dir) if self.main else None, name="resume_auto")
+            if resume:
+                self._resume(resume)
         dist.broadcast_state(self.model, self.optimizer, root=root)
         self.state.load_state_dict(dist.broadcast_object(self.state.state_dict(), root, name="train_state"))
         if not self.started:
@@ -262,7 +267,7 @@ class Trainer:
                     self.monitor.stage(plan, self.plans[st.epoch - 1] if st.epoch and steps_this_process else None)
                 finished, steps_this_process = self._train_epoch(plan, steps_this_process)
                 if not finished:
-                    break  # run.stop_after_steps reached; the checkpoint holds the position
+                    break  # a stop request or run.stop_after_steps; the checkpoint holds the position
                 self._end_epoch(plan)
         except dist.ELASTIC_INTERRUPTS as e:
             self.interrupted_at = time.monotonic()
@@ -305,6 +310,15 @@ class Trainer:
                 self._choose_micro_batch(plan)
             if self.resize is not None:
                 self._report_resize()
+            if self.stop.check() or steps_this_process == cfg.run.stop_after_steps:
+                self._fold(local, time.perf_counter() - t0)
+                self._save()  # a clean stop keeps its exact position
+                dist.barrier()  # no rank exits (and makes the launcher kill the others) before it is written
+                if self.stop.agreed and self.main:
+                    log.info("stop requested (%s): stopped at epoch %d, sample offset %d, step %d, with a "
+                             "checkpoint", self.stop.received or "by another rank", st.epoch, st.offset,
+                             st.global_step)
+                return False, steps_this_process
             save = cfg.checkpoint.every_steps and st.global_step % cfg.checkpoint.every_steps == 0
             commit = self.elastic is not None and st.global_step % cfg.run.commit_every == 0
             if (save or commit) and st.offset < n:
@@ -315,10 +329,6 @@ class Trainer:
                     self._save()
                 if commit:
                     self.elastic.commit()  # may raise HostsUpdatedInterrupt: a planned reset from here
-            if cfg.run.stop_after_steps and steps_this_process >= cfg.run.stop_after_steps:
-                self._fold(local, time.perf_counter() - t0)
-                self._save()  # a clean stop keeps its exact position
-                return False, steps_this_process
         self._fold(local, time.perf_counter() - t0)
         return True, steps_this_process
 
@@ -509,6 +519,15 @@ def _write_record(path: Path, record: dict) -> None:
     rundir.truncate_metrics(path, record["epoch"])
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def _auto_resume(run_dir: Path):
+    """--resume auto: 'latest' when the run dir has a checkpoint, else a fresh start (dropping the records
+    of a run that died before its first checkpoint), so that a requeued job can rerun the same command."""
+    if checkpoint.latest(run_dir / "checkpoints"):
+        return "latest"
+    rundir.truncate_metrics(run_dir / "metrics.jsonl", 0)
+    return None
 
 
 def _agree(fn):

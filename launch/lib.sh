@@ -30,3 +30,36 @@ run_or_print() {
   fi
   exec "$@"
 }
+
+# python_for TOOL: the Python of the environment that holds TOOL (.venv/bin/horovodrun -> .venv/bin/python).
+python_for() {
+  local dir
+  dir=$(dirname "$1")
+  if [ -x "$dir/python" ]; then echo "$dir/python"; else command -v python3 || echo python3; fi
+}
+
+# preflight NAME PLAN NP ARGS...: adabatch-plan checks the training arguments (flags, config file, batch
+# sizes for NP processes) before any process starts, so that a mistake ends here in one line, exit code 2.
+preflight() {
+  local name=$1 plan=$2 np=$3 err rc=0
+  shift 3
+  err=$("$plan" --world-size "$np" "$@" 2>&1 >/dev/null) || rc=$?
+  if [ "$rc" = 2 ]; then
+    echo "$name: ${err#adabatch-plan: }" >&2
+    exit 2
+  elif [ "$rc" != 0 ]; then
+    printf '%s\n' "$err" >&2
+    exit "$rc"
+  fi
+}
+
+# supervise_or_print DRY_RUN NAME PYTHON CMD...: print the command when DRY_RUN is 1; else run it under
+# adabatch_hvd.supervise: Ctrl-C, SIGTERM, SIGHUP and SIGUSR1 stop the whole job at a step with a
+# checkpoint (exit code 128 + the signal), nothing of it is left running, and a rank's failure ends
+# in one line with that rank's exit code.
+supervise_or_print() {
+  local dry=$1 name=$2 py=$3
+  shift 3
+  [ "$dry" = 1 ] && run_or_print 1 "$@"
+  exec "$py" -m adabatch_hvd.supervise "$name" -- "$@"
+}

@@ -21,7 +21,10 @@ Runs N Horovod processes on this machine:
   --dry-run          print the command and the thread setting, run nothing
   -h, --help         this text
 
-Everything else (and everything after --) goes to adabatch-train, e.g.
+Everything else (and everything after --) goes to adabatch-train; it is checked (adabatch-plan)
+before anything starts, so a mistake ends in one line and exit code 2. Ctrl-C, SIGTERM, SIGHUP or
+SIGUSR1 stops every rank at the same step with a checkpoint and exits 128 + the signal (130 for
+Ctrl-C); a second one kills the job at once. Nothing of the job is left running. E.g.
     launch/run-local.sh 2 --config configs/fashion_mnist.yaml --run-dir runs/fm --epochs 3
     launch/run-local.sh 4 --mpi -- --config configs/cifar10_resnet20_adabatch.yaml --resume
 
@@ -97,5 +100,6 @@ if [ "$controller" = mpi ]; then
 fi
 cmd+=("$train" "${train_args[@]}")
 
+[ "$dry_run" = 1 ] || preflight run-local "$(tool adabatch-plan)" "$np" "${train_args[@]}"
 echo "run-local: $device, $np processes, OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset}" >&2
-run_or_print "$dry_run" "${cmd[@]}"
+supervise_or_print "$dry_run" run-local "$(python_for "$horovodrun")" "${cmd[@]}"

@@ -30,6 +30,10 @@ Network knobs read from the environment and passed to every rank (horovodrun for
 launcher's environment): HOROVOD_GLOO_IFACE, NCCL_SOCKET_IFNAME, NCCL_IB_HCA, NCCL_IB_DISABLE,
 NCCL_DEBUG=INFO (to see which transport NCCL picked), GLOO_SOCKET_IFNAME.
 
+The training arguments are checked (adabatch-plan) before anything starts: a mistake ends in one
+line and exit code 2. Ctrl-C, SIGTERM, SIGHUP or SIGUSR1 stops every rank on every host at the same
+step with a checkpoint and exits 128 + the signal; a second one kills the job at once.
+
 Requirements: passwordless ssh from this machine to every host (and between hosts for MPI),
 and this checkout with its .venv at the same path on every host (a shared file system), or
 the Docker image on every host (see launch/docker-run.sh).
@@ -120,5 +124,6 @@ if [ "$controller" = mpi ] && [ "$(id -u)" = 0 ]; then
 fi
 cmd+=("$train" "${train_args[@]}")
 
+[ "$dry_run" = 1 ] || preflight run-multinode "$(tool adabatch-plan)" "$np" "${train_args[@]}"
 echo "run-multinode: $np processes on $hosts (${controller}${iface:+, interface $iface})" >&2
-run_or_print "$dry_run" "${cmd[@]}"
+supervise_or_print "$dry_run" run-multinode "$(python_for "$horovodrun")" "${cmd[@]}"

@@ -346,6 +346,9 @@ def test_run_local_really_launches_ranks(tmp_path, controller):
     bindir = tmp_path / ".venv" / "bin"
     bindir.mkdir(parents=True)
     (bindir / "horovodrun").symlink_to(horovodrun)
+    (bindir / "adabatch-plan").symlink_to(Path(sys.executable).parent / "adabatch-plan")  # checks the arguments
+    (bindir / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')  # runs adabatch_hvd.supervise
+    (bindir / "python").chmod(0o755)
     (bindir / "adabatch-train").write_text(FAKE_TRAIN.format(python=sys.executable))
     (bindir / "adabatch-train").chmod(0o755)
     env = dict(os.environ, ADABATCH_DEVICE="cpu", PYTHONUNBUFFERED="1")

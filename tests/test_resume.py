@@ -13,7 +13,7 @@ import torch
 
 from adabatch_hvd import checkpoint
 from adabatch_hvd.errors import UserError
-from conftest import BIN, ROOT, horovodrun, hvd_env
+from conftest import BIN, ROOT, horovodrun, hvd_env, processes_with, wait_for
 
 RUN = ["--config", "configs/fashion_mnist.yaml", "--train-samples", "3000", "--test-samples", "1000",
        "--epochs", "4", "--interval", "2", "--initial-batch", "32", "--max-micro-batch", "16",
@@ -34,32 +34,6 @@ def records(run_dir):
 def final_weights(run_dir):
     state, _ = checkpoint.load("latest", Path(run_dir) / "checkpoints")
     return state["model"]
-
-
-def processes_with(text):
-    """PIDs whose command line mentions `text` (the run dir), with their HOROVOD_RANK."""
-    found = {}
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if text in cmd:
-            rank = next((e.split(b"=")[1].decode() for e in env if e.startswith(b"HOROVOD_RANK=")), None)
-            found[int(pid)] = rank
-    return found
-
-
-def wait_for(predicate, timeout, what):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 @pytest.fixture(scope="module")

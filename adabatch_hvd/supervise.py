@@ -1,0 +1,274 @@
+"""Run a launcher command (horovodrun, mpirun, srun) for the launch scripts: a signal stops the whole
+job cleanly, nothing of it is left running, and a failed rank ends in one line with that rank's code.
+
+    python -m adabatch_hvd.supervise NAME -- horovodrun -np 2 -H localhost:2 --gloo adabatch-train ...
+
+- The command runs in a session of its own, so a terminal's Ctrl-C or hang-up reaches only this process.
+- The first SIGINT, SIGTERM, SIGHUP or SIGUSR1 asks for a clean stop: SIGTERM to the training processes
+  below the command on this host. One rank that gets it is enough: every rank stops at the same
+  optimizer step, with a checkpoint (signals.py). Where none is found yet (still starting up, or srun's
+  tasks, which Slurm starts), the command itself gets SIGUSR1; mpirun and srun pass it on to the ranks.
+- A second signal, or ADABATCH_STOP_GRACE seconds (default 120) without the job ending, kills it:
+  SIGTERM to the command's session, then SIGKILL to whatever of the job is left 15 s later.
+- What of the job still runs on this host when the command has ended is killed (mpirun and its ranks
+  outlive `horovodrun --mpi` when it is killed, for instance).
+- horovodrun's traceback and mpirun's banners about a rank that exited non-zero become one line.
+
+Exit code: 128 + the signal's number after a signal (130 for Ctrl-C), else the failed rank's code
+(2: bad input, 3: NaN loss, 75: stopped with a checkpoint), else the command's.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+
+from .errors import EXIT_STOPPED
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
+RANK_VARS = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK")
+KILL_AFTER = 15.0  # seconds from the session's SIGTERM to SIGKILL
+
+
+def job_processes(root: int) -> list:
+    """The processes of the session that `root` leads, and everything below `root`."""
+    found = {}
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == root:
+                found[p.pid] = p
+        except OSError:
+            pass
+    try:
+        top = psutil.Process(root)
+        found[root] = top
+        found.update((c.pid, c) for c in top.children(recursive=True))
+    except psutil.Error:
+        pass
+    found.pop(os.getpid(), None)
+    return list(found.values())
+
+
+def _has_rank(p) -> bool:
+    try:
+        env = p.environ()
+    except psutil.Error:
+        return False
+    return any(v in env for v in RANK_VARS)
+
+
+def training_processes(root: int) -> list:
+    """The ranks of the job on this host: the topmost processes with a rank in their environment (not
+    the data-loader workers below them)."""
+    procs = job_processes(root)
+    ranks = []
+    for p in procs:
+        try:
+            parent = p.parent()
+        except psutil.Error:
+            continue
+        if _has_rank(p) and not (parent and _has_rank(parent)):
+            ranks.append(p)
+    return ranks
+
+
+def _signal_all(procs, sig) -> None:
+    for p in procs:
+        try:
+            p.send_signal(sig)
+        except psutil.Error:
+            pass
+
+
+class Filter:
+    """Passes the command's stderr on, except horovodrun's traceback and mpirun's banners about a rank
+    that exited non-zero; remembers that rank and its exit code instead."""
+
+    GLOO = "Horovod detected that one or more processes exited with non-zero status"
+    MPI = ("exited with non-zero status", "Primary job  terminated normally", "mpirun noticed that process",
+           "an MPI process is aborting", "MPI_ABORT was invoked")
+
+    def __init__(self, out):
+        self.out, self.block, self.kind = out, [], None
+        self.rank = self.code = None
+
+    def feed(self, line: str) -> None:
+        bare = line.rstrip("\n")
+        if self.kind is None:
+            if bare == "Traceback (most recent call last):":
+                self.kind, self.block = "traceback", [line]
+            elif re.fullmatch(r"-{20,}", bare):
+                self.kind, self.block = "banner", [line]
+            elif not (self._details(bare) or self._gloo_report(bare) or not bare):
+                self.out.write(line)  # (horovodrun's own blank lines are dropped; ranks' lines are prefixed)
+            return
+        self.block.append(line)
+        if self.kind == "traceback" and bare and not bare.startswith((" ", "\t")):
+            if self.GLOO in bare:
+                self.kind = "details"  # "Process name: 1" and "Exit code: 75" follow
+            else:
+                self._flush()
+        elif self.kind == "details":
+            if not self._details(bare):
+                self._flush(keep=False)
+                self.feed(line)
+        elif self.kind == "banner" and re.fullmatch(r"-{20,}", bare) and len(self.block) > 1:
+            text = "".join(self.block)
+            if any(m in text for m in self.MPI):
+                for b in self.block:
+                    self._details(b.strip())
+                self._flush(keep=False)
+            else:
+                self._flush()
+
+    def _gloo_report(self, bare: str) -> bool:
+        """horovodrun's "Process 1 exit with status code 75." and "Terminating remaining workers ..."."""
+        m = re.fullmatch(r"Process (\d+) exit with status code (\d+)\.", bare)
+        if m and m.group(2) != "0" and self.code is None:
+            self.rank, self.code = m.group(1), int(m.group(2))
+        return bool(m) or bare.startswith("Terminating remaining workers after failure of Process")
+
+    def _details(self, bare: str) -> bool:
+        m = re.match(r"\s*(Process name|Exit code):\s*(.*)", bare)
+        if not m:
+            return False
+        if m.group(1) == "Exit code":
+            self.code = self.code if self.code is not None else int(m.group(2).split()[0])
+        else:
+            mpi = re.search(r"\[\[\d+,\d+\],(\d+)\]", m.group(2))
+            self.rank = self.rank if self.rank is not None else (mpi.group(1) if mpi else m.group(2).strip())
+        return True
+
+    def _flush(self, keep: bool = True) -> None:
+        if keep:
+            self.out.write("".join(self.block))
+        self.block, self.kind = [], None
+
+    def close(self) -> None:
+        if self.kind in ("traceback", "banner"):
+            self._flush()
+        self.block, self.kind = [], None
+        self.out.flush()
+
+
+class Supervisor:
+    def __init__(self, name: str, cmd: list):
+        self.name, self.cmd = name, cmd
+        self.stop_signal = None
+        self.deadline = None  # when to escalate: the grace period, then the kill
+        self.killing = False  # signal handlers and the wait loop both run in the main thread: no lock
+
+    def say(self, text: str) -> None:
+        print(f"{self.name}: {text}", file=sys.stderr, flush=True)
+
+    def run(self) -> int:
+        try:
+            self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                         start_new_session=True, bufsize=0)
+        except OSError as e:
+            self.say(f"cannot run {self.cmd[0]}: {e.strerror}")
+            return 127
+        for s in STOP_SIGNALS:
+            signal.signal(s, self._on_signal)
+        filt = Filter(sys.stderr)
+        reader = threading.Thread(target=self._pump, args=(filt,), daemon=True)
+        reader.start()
+        while True:
+            try:
+                rc = self.proc.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                self._escalate_if_due()
+        reader.join(10)
+        filt.close()
+        left = job_processes(self.proc.pid)
+        end = time.monotonic() + 5  # helpers (multiprocessing's resource tracker) exit right after
+        while left and time.monotonic() < end:
+            time.sleep(0.1)
+            left = job_processes(self.proc.pid)
+        if left:
+            _signal_all(left, signal.SIGKILL)
+            self.say(f"killed {len(left)} process(es) of the job still running after it ended: "
+                     f"{', '.join(sorted({_name(p) for p in left}))}")
+        rc = 128 - rc if rc < 0 else rc
+        if self.stop_signal is not None:
+            if rc == 0:
+                how = "the job had finished"
+            elif filt.code == EXIT_STOPPED and not self.killing:
+                how = "every rank stopped at the same step, with a checkpoint"
+            else:
+                how = "the job was killed; its last checkpoint is kept"
+            self.say(f"stopped by {self.stop_signal.name}: {how}; the same command with --resume auto continues")
+            return 128 + self.stop_signal
+        if filt.code is not None and rc != 0:
+            self.say(f"rank {filt.rank} exited with code {filt.code}")
+            return filt.code
+        return rc
+
+    def _pump(self, filt: Filter) -> None:
+        for raw in iter(self.proc.stderr.readline, b""):
+            filt.feed(raw.decode(errors="replace"))
+            sys.stderr.flush()
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.stop_signal is not None:
+            self._kill()
+            return
+        self.stop_signal = signal.Signals(signum)
+        name = self.stop_signal.name
+        ranks = training_processes(self.proc.pid)
+        if ranks:
+            self.say(f"{name}: the job stops at its next step, with a checkpoint ({name} again kills it now)")
+            _signal_all(ranks, signal.SIGTERM)
+        else:
+            self.say(f"{name}: stopping the job ({name} again kills it now)")
+            _signal_all([psutil.Process(self.proc.pid)], signal.SIGUSR1)
+        self.deadline = time.monotonic() + float(os.environ.get("ADABATCH_STOP_GRACE", "120"))
+
+    def _escalate_if_due(self) -> None:
+        if self.deadline is None or time.monotonic() < self.deadline:
+            return
+        if self.killing:
+            _signal_all(job_processes(self.proc.pid), signal.SIGKILL)
+            self.deadline = None
+        else:
+            self.say("the job did not stop in time; killing it")
+            self._kill()
+
+    def _kill(self) -> None:
+        if not self.killing:
+            self.killing = True
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except OSError:
+                pass
+            _signal_all(training_processes(self.proc.pid), signal.SIGTERM)
+            self.deadline = time.monotonic() + KILL_AFTER
+        else:
+            _signal_all(job_processes(self.proc.pid), signal.SIGKILL)
+
+
+def _name(p) -> str:
+    try:
+        return p.name()
+    except psutil.Error:
+        return str(p.pid)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) < 3 or argv[1] != "--":
+        print("usage: python -m adabatch_hvd.supervise NAME -- COMMAND...", file=sys.stderr)
+        return 2
+    return Supervisor(argv[0], argv[2:]).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
