@@ -1,37 +1,16 @@
 """Multi-node for real: launch/run-multinode.sh across the hosts of a test cluster (tests/cluster.py)."""
 
-import json
+import signal
 import subprocess
-from pathlib import Path
+import time
 
 import pytest
 
-from conftest import ROOT, hvd_env
+from adabatch_hvd import checkpoint
+from conftest import (ROOT, SMALL, SMALL_STEPS, assert_same_records, hvd_env, records, wait_for)
 
-LAUNCH = ROOT / "launch"
-# Tiny: 2 stages (global batch 32, then 64 as 2 micro-batches of 16 per worker), an MLP, 1 thread a rank.
-TINY = ["--config", "configs/fashion_mnist.yaml", "--train-samples", "512", "--test-samples", "256",
-        "--epochs", "2", "--interval", "1", "--initial-batch", "32", "--max-micro-batch", "16",
-        "--model.name", "mlp", "--quiet", "true", "--threads", "1"]
-TIMING = ("epoch_seconds", "samples_per_second", "allreduce_wait_share")
-GRADIENT_BYTES = 24 * 50890 * 4  # 24 optimizer steps x the MLP's 50,890 float32 parameters
-
-
-def records(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def assert_same_run(got, want):
-    """The same epochs, batches and learning rates, and losses and accuracies to 1e-6 (timings aside)."""
-    assert [r["epoch"] for r in got] == [r["epoch"] for r in want]
-    for g, w in zip(got, want):
-        for key in w:
-            if key in TIMING:
-                continue
-            if isinstance(w[key], float):
-                assert g[key] == pytest.approx(w[key], abs=1e-6), (key, g, w)
-            else:
-                assert g[key] == w[key], (key, g, w)
+RUN_MULTINODE = ROOT / "launch/run-multinode.sh"
+GRADIENT_BYTES = SMALL_STEPS * 50890 * 4  # every optimizer step allreduces the MLP's 50,890 float32 parameters
 
 
 @pytest.fixture(scope="module")
@@ -39,22 +18,22 @@ def hosts(make_cluster):
     return make_cluster(n_hosts=2, second_net=True)
 
 
-@pytest.fixture(scope="module")
-def one_host(tmp_path_factory):
-    """The reference: the same config as 2 processes on one host (launch/run-local.sh)."""
-    run = tmp_path_factory.mktemp("one-host") / "run"
-    proc = subprocess.run([LAUNCH / "run-local.sh", "2", "--threads", "1", "--", *TINY, "--run-dir", run], cwd=ROOT,
-                          env=hvd_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return records(run)
+def checkpoint_at_least(run, step):
+    return lambda: any(checkpoint.position(p)[1] >= step for p in checkpoint.list_checkpoints(run / "checkpoints"))
+
+
+def leftovers(cluster):
+    """Processes still running on any host, besides the cluster's own daemons."""
+    return {h: cluster.describe(cluster.processes(h)) for h in cluster.hosts if cluster.processes(h)}
 
 
 @pytest.mark.parametrize("controller,hostspec,iface", [
     ("gloo", "-H", None),
+    ("mpi", "-hostfile", None),
 ])
-def test_two_hosts_train_like_one_host(hosts, one_host, tmp_path, controller, hostspec, iface):
-    """run-multinode.sh from node1 puts a rank on each host; the records equal the one-host run's, and
-    the gradients crossed the chosen network (eth0 unless -i says otherwise) and not the other one."""
+def test_two_hosts_train_like_one_host(hosts, reference_run, tmp_path, controller, hostspec, iface):
+    """run-multinode.sh from node1 puts a rank on each host; the records equal the one-host run's, the
+    gradients crossed the network, and with -i IF the chosen network and not the other one."""
     run = tmp_path / "run"
     if hostspec == "-hostfile":
         (tmp_path / "hosts").write_text("# the two test hosts\nnode1 slots=1\n\nnode2 slots=1\n")
@@ -62,15 +41,66 @@ def test_two_hosts_train_like_one_host(hosts, one_host, tmp_path, controller, ho
     else:
         spec = ["-H", "node1:1,node2:1"]
     before = hosts.counters("node2")
-    proc = hosts.run("node1", [LAUNCH / "run-multinode.sh", *spec, f"--{controller}", "--threads", "1",
-                               *(["-i", iface] if iface else []), "--", *TINY, "--run-dir", run],
+    proc = hosts.run("node1", [RUN_MULTINODE, *spec, f"--{controller}", "--threads", "1",
+                               *(["-i", iface] if iface else []), "--", *SMALL, "--run-dir", run],
                      cwd=ROOT, env=hvd_env(), timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
     after = hosts.counters("node2")
     assert f"2 processes on node1:1,node2:1 ({controller}" in proc.stderr
-    assert_same_run(records(run), one_host)
+    assert_same_records(records(run), records(reference_run))
     sent = {i: after[i][1] - before[i][1] for i in ("eth0", "eth1")}
-    chosen, other = (iface or "eth0"), ("eth0" if iface == "eth1" else "eth1")
     print(f"{controller} {hostspec} -i {iface}: node2 sent {sent} bytes")
-    assert sent[chosen] > GRADIENT_BYTES, sent  # the allreduce went over the chosen network
-    assert sent[other] < GRADIENT_BYTES / 10, sent  # and not over the other one
+    if iface is None:  # Gloo takes the network of the host names; OpenMPI's TCP transport stripes over both
+        assert sum(sent.values()) > GRADIENT_BYTES, sent
+    else:
+        other = "eth0" if iface == "eth1" else "eth1"
+        assert sent[iface] > GRADIENT_BYTES, sent  # the allreduce went over the chosen network
+        assert sent[other] < GRADIENT_BYTES / 10, sent  # and not over the other one
+    assert not leftovers(hosts)
+
+
+def test_ctrl_c_stops_every_host(hosts, tmp_path):
+    """SIGINT to run-multinode.sh (MPI): both hosts' ranks stop at the same step with a checkpoint, and
+    nothing of the job (mpirun, orted, ranks) is left on either host."""
+    run = tmp_path / "run"
+    job = hosts.popen("node1", [RUN_MULTINODE, "-H", "node1:1,node2:1", "--mpi", "--threads", "1", "--", *SMALL,
+                                "--run-dir", run], cwd=ROOT, env=hvd_env(), stdout=subprocess.PIPE,
+                      stderr=subprocess.PIPE, text=True)
+    wait_for(checkpoint_at_least(run, 16), 300, "a checkpoint at step >= 16")
+    job.send_signal(signal.SIGINT)
+    out, err = job.communicate(timeout=300)
+    assert job.returncode == 130, err[-4000:]
+    assert err.strip().splitlines()[-1] == ("run-multinode: stopped by SIGINT: every rank stopped at the same step, "
+                                            "with a checkpoint; the same command with --resume auto continues")
+    assert 16 <= checkpoint.position(checkpoint.latest(run / "checkpoints"))[1] < SMALL_STEPS
+    assert not leftovers(hosts)
+
+
+def test_a_host_dies_mid_epoch(hosts, reference_run, tmp_path):  # last: node2 stays dead
+    """Every process of node2 is killed (its sshd too) in the middle of an epoch: the job ends with a
+    non-zero exit and nothing left on any host; a resume on node1 alone keeps the global batch."""
+    run = tmp_path / "run"
+    job = hosts.popen("node1", [RUN_MULTINODE, "-H", "node1:1,node2:1", "--threads", "1", "--", *SMALL,
+                                "--run-dir", run], cwd=ROOT, env=hvd_env(), stdout=subprocess.PIPE,
+                      stderr=subprocess.PIPE, text=True)
+    wait_for(checkpoint_at_least(run, 16), 300, "a checkpoint at step >= 16")
+    hosts.kill_host("node2")
+    t0 = time.monotonic()
+    out, err = job.communicate(timeout=300)
+    seconds = time.monotonic() - t0
+    print(f"node2 killed: the job exited with code {job.returncode} after {seconds:.1f} s")
+    print("\n".join(err.strip().splitlines()[-3:]))
+    assert job.returncode not in (0, None), err[-4000:]
+    assert "Traceback" not in err.replace("<stderr>:Traceback", ""), err[-4000:]  # horovodrun's own: one line
+    assert not leftovers(hosts)
+    epoch, step = checkpoint.position(checkpoint.latest(run / "checkpoints"))
+    assert 16 <= step < SMALL_STEPS
+
+    alone = hosts.run("node1", [RUN_MULTINODE, "-H", "node1:1", "--threads", "1", "--", *SMALL, "--run-dir", run,
+                                "--resume", "auto"], cwd=ROOT, env=hvd_env(), timeout=600)
+    assert alone.returncode == 0, alone.stderr[-4000:]
+    assert f"step {step} (saved with world size 2)" in alone.stderr
+    got, want = records(run), records(reference_run)
+    assert [r["global_batch"] for r in got] == [r["global_batch"] for r in want] == [32, 64]
+    assert [r["world_size"] for r in got] == [2] * epoch + [1] * (2 - epoch)  # the resumed run wrote the rest
+    assert [r["per_worker_batch"] for r in got] == [32, 64]
