@@ -30,6 +30,8 @@ def leftovers(cluster):
 @pytest.mark.parametrize("controller,hostspec,iface", [
     ("gloo", "-H", None),
     ("mpi", "-hostfile", None),
+    ("gloo", "-hostfile", "eth1"),  # needs the gloo_context.cc fix in launch/patches (README "The Horovod patch")
+    ("mpi", "-H", "eth1"),
 ])
 def test_two_hosts_train_like_one_host(hosts, reference_run, tmp_path, controller, hostspec, iface):
     """run-multinode.sh from node1 puts a rank on each host; the records equal the one-host run's, the
