@@ -285,6 +285,7 @@ class Cluster:
         log.close()
 
     def _keys(self) -> None:
+        (self.state / "home").mkdir(mode=0o700)
         ssh = self.state / "ssh"
         ssh.mkdir(mode=0o700)
         _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"cluster-{self.id}", "-f", ssh / "id_ed25519")
@@ -402,8 +403,10 @@ Host *
     def command(self, host: str, cmd, cwd=None) -> list:
         """argv that runs `cmd` (a list, or a string for bash -c) on `host`, in `cwd` (default: ours)."""
         argv = ["bash", "-c", cmd] if isinstance(cmd, str) else [str(c) for c in cmd]
+        # HOME: horovodrun caches each host list's network interfaces in ~/.horovod for an hour, and
+        # clusters with the same host names but other networks must not share that cache.
         return ["nsenter", "-t", str(self._anchors[host]), "-n", "-u", "-m",
-                f"--wd={cwd or os.getcwd()}", "--", *argv]
+                f"--wd={cwd or os.getcwd()}", "--", "env", f"HOME={self.state}/home", *argv]
 
     def run(self, host: str, cmd, cwd=None, **kw) -> subprocess.CompletedProcess:
         """subprocess.run on `host` (text output captured unless told otherwise)."""
