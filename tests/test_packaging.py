@@ -498,3 +498,20 @@ def test_docker_check_script_and_target():
     assert run(["bash", "-n", script]).returncode == 0
     proc = run(["make", "-n", "docker-check"], cwd=ROOT)
     assert proc.returncode == 0 and "tests/docker_check.sh" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("case,scontrol,unset,message", [
+    ("no nodelist", 'printf "gpu01\\n"', "SLURM_JOB_NODELIST",
+     "slurm.sbatch: SLURM_JOB_NODELIST is not set: cannot build the host list\n"),
+    ("scontrol fails", 'echo "scontrol: error: Invalid node name" >&2; exit 1', None,
+     "slurm.sbatch: scontrol show hostnames 'gpu[01-02]' failed: scontrol: error: Invalid node name\n"),
+    ("no hosts", "true", None, "slurm.sbatch: no hosts in SLURM_JOB_NODELIST='gpu[01-02]'\n"),
+])
+def test_slurm_host_list_failure_ends_the_job(fake_slurm, case, scontrol, unset, message):
+    """Issue 12 item 5: any failure to build the host list ends the job non-zero, with one line."""
+    (Path(fake_slurm["PATH"].split(":")[0]) / "scontrol").write_text(f"#!/bin/sh\n{scontrol}\n")
+    env = dict(fake_slurm)
+    if unset:
+        env.pop(unset)
+    proc = run(["bash", LAUNCH / "slurm.sbatch", "--epochs", "1"], env=env, cwd=env["SLURM_SUBMIT_DIR"])
+    assert (proc.returncode, proc.stderr, proc.stdout) == (2, message, ""), case
