@@ -2,6 +2,9 @@
 launch/slurm.sbatch trains across 2 nodes with horovodrun and mpirun; a job signalled before its time limit
 stops with a checkpoint, requeues itself and ends with bit-identical weights."""
 
+import os
+import signal
+
 import pytest
 
 from adabatch_hvd import checkpoint
@@ -49,8 +52,11 @@ def test_time_limit_signal_stops_requeues_and_ends_bit_identical(slurm, referenc
         found = checkpoint.list_checkpoints(run / "checkpoints")
         return any(checkpoint.position(p)[1] >= 16 for p in found)
     wait_for(mid_run, 300, "a checkpoint at step >= 16")
-    signal = slurm.run("node1", ["scancel", "--batch", "--signal=USR1", job], timeout=60)
-    assert signal.returncode == 0, signal.stderr
+    # --signal=B:USR1 signals the batch shell alone (scancel --batch would signal every process of the
+    # batch step, horovodrun included, which SIGUSR1 kills)
+    shell = [p for p in slurm.processes("node1") if b"slurm_script" in open(f"/proc/{p}/cmdline", "rb").read()]
+    assert len(shell) == 1, slurm.describe(slurm.processes("node1"))
+    os.kill(shell[0], signal.SIGUSR1)
     info = slurm.wait_job(job, timeout=600)
     log = out.read_text()
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log[-4000:]
