@@ -472,6 +472,7 @@ Host *
             d.mkdir(parents=True)
         for h in self.hosts:
             (s / h / "spool").mkdir(parents=True)
+            (s / h / "tmp").mkdir()
         key = munge / "munge.key"
         key.write_bytes(secrets.token_bytes(1024))
         key.chmod(0o400)
@@ -497,7 +498,7 @@ SlurmctldHost={head}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket={socket}
+AuthInfo=socket={socket},cred_expire=30
 CredType=cred/munge
 StateSaveLocation={s}/ctld
 SlurmdSpoolDir={s}/%n/spool
@@ -505,6 +506,9 @@ SlurmctldPidFile={s}/slurmctld.pid
 SlurmdPidFile={s}/%n/slurmd.pid
 SlurmctldLogFile={s}/slurmctld.log
 SlurmdLogFile={s}/%n/slurmd.log
+# A node's own /tmp for jobs: the hosts share the machine's /tmp, where mpi/pmix of every node would
+# make the same per-step dir (spmix_appdir_UID_JOB.STEP: "File exists")
+TmpFS={s}/%n/tmp
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none

@@ -1,5 +1,5 @@
 """Slurm for real on the test cluster (tests/cluster.py): slurmctld, a slurmd per host and munge.
-launch/slurm.sbatch trains across 2 nodes with horovodrun and mpirun; a job signalled before its time limit
+launch/slurm.sbatch trains across 2 nodes with horovodrun, mpirun and srun; a job signalled before its time limit
 stops with a checkpoint, requeues itself and ends with bit-identical weights."""
 
 import os
@@ -27,9 +27,9 @@ def submit(cluster, tmp_path, launcher, *train_args):
     return job, tmp_path / f"slurm-{job}.out"
 
 
-# LAUNCHER=srun is not run here: the test nodes share /tmp, where mpi/pmix makes a per-step dir on each
-# node ("File exists"); see launch/README.md "srun and PMIx".
-@pytest.mark.parametrize("launcher", ["horovodrun", "mpirun"])
+# srun: Slurm's mpi/pmix starts the ranks and Horovod uses its MPI controller (the test nodes get their
+# own TmpFS for PMIx, see tests/cluster.py).
+@pytest.mark.parametrize("launcher", ["horovodrun", "mpirun", "srun"])
 def test_sbatch_trains_on_two_nodes(slurm, reference_run, tmp_path, launcher):
     run = tmp_path / "run"
     job, out = submit(slurm, tmp_path, launcher, "--run-dir", run)
