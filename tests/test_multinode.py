@@ -52,7 +52,7 @@ def test_two_hosts_train_like_one_host(hosts, reference_run, tmp_path, controlle
     assert_same_records(records(run), records(reference_run))
     sent = {i: after[i][1] - before[i][1] for i in ("eth0", "eth1")}
     print(f"{controller} {hostspec} -i {iface}: node2 sent {sent} bytes")
-    if iface is None:  # Gloo takes the network of the host names; OpenMPI's TCP transport stripes over both
+    if iface is None:  # horovodrun's Gloo takes any common network (a set's first); OpenMPI stripes over both
         assert sum(sent.values()) > GRADIENT_BYTES, sent
     else:
         other = "eth0" if iface == "eth1" else "eth1"
