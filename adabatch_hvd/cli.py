@@ -61,12 +61,18 @@ def train_main(argv=None) -> int:
         from .trainer import NonFiniteLoss
 
         dist.init(cfg.run.threads, cfg.comm.horovod_env())
+        me = dist.rank()  # (Horovod may be shut down when it is needed below)
         _setup_logging(dist.rank)
         try:
             trainer = _train(cfg)
         except NonFiniteLoss as e:
             print_error(prog, e)
             return 3
+        except dist.HorovodInternalError as e:  # not elastic: a rank or host was lost
+            print(f"{prog}: error: rank {me} lost its peers ({str(e).split('.')[0].strip()}); the job "
+                  f"ends, and the same command with --resume auto continues from the last checkpoint",
+                  file=sys.stderr)
+            return 1
         if trainer.stop.agreed:
             if dist.is_main():
                 print(f"{prog}: stopped on request ({trainer.stop.received or 'a signal to another rank'}) with "

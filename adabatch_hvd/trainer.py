@@ -270,6 +270,8 @@ class Trainer:
                     break  # a stop request or run.stop_after_steps; the checkpoint holds the position
                 self._end_epoch(plan)
         except dist.ELASTIC_INTERRUPTS as e:
+            if self.elastic is None:
+                raise  # no commit to roll back to: the job ends (cli.py says so in one line)
             self.interrupted_at = time.monotonic()
             if isinstance(e, dist.HostsUpdatedInterrupt):
                 log.warning("hosts changed: the workers re-form at step %d (just committed)", st.global_step)

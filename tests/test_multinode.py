@@ -93,7 +93,7 @@ def test_a_host_dies_mid_epoch(hosts, reference_run, tmp_path):  # last: node2 s
     print(f"node2 killed: the job exited with code {job.returncode} after {seconds:.1f} s")
     print("\n".join(err.strip().splitlines()[-3:]))
     assert job.returncode not in (0, None), err[-4000:]
-    assert "Traceback" not in err.replace("<stderr>:Traceback", ""), err[-4000:]  # horovodrun's own: one line
+    assert "Traceback" not in err, err[-4000:]  # horovodrun's and the surviving rank's: one line each
     assert not leftovers(hosts)
     epoch, step = checkpoint.position(checkpoint.latest(run / "checkpoints"))
     assert 16 <= step < SMALL_STEPS
