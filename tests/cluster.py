@@ -498,7 +498,8 @@ SlurmctldHost={head}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket={socket},cred_expire=30
+# cred_expire (default 120 s) is also how long a requeued job waits before it may start again
+AuthInfo=socket={socket},cred_expire=15
 CredType=cred/munge
 StateSaveLocation={s}/ctld
 SlurmdSpoolDir={s}/%n/spool
@@ -516,6 +517,8 @@ AccountingStorageType=accounting_storage/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
+# (the test jobs are short: schedule every 2 s, not 60/30 s, e.g. a requeued job once its BeginTime is reached)
+SchedulerParameters=sched_interval=2,bf_interval=2
 MpiDefault=none
 ReturnToService=2
 SlurmdTimeout=30
