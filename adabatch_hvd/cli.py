@@ -11,6 +11,7 @@ import argparse
 import errno
 import logging
 import os
+import re
 import sys
 
 from . import config, sampler
@@ -69,7 +70,7 @@ def train_main(argv=None) -> int:
             print_error(prog, e)
             return 3
         except dist.HorovodInternalError as e:  # not elastic: a rank or host was lost
-            print(f"{prog}: error: rank {me} lost its peers ({str(e).split('.')[0].strip()}); the job "
+            print(f"{prog}: error: rank {me} lost its peers ({_first_sentence(e)}); the job "
                   f"ends, and the same command with --resume auto continues from the last checkpoint",
                   file=sys.stderr)
             return 1
@@ -110,6 +111,14 @@ def _train(cfg: config.Config):
             rundir.discard(cfg.run.run_dir, before)
         raise
     return trainer
+
+
+def _first_sentence(e: Exception) -> str:
+    """'Read error [10.0.0.2]:34982: Connection reset by peer' from Horovod's and Gloo's long messages
+    ('[/path/pair.cc:589] Read error ...', 'Horovod has been shut down. This was caused by ...')."""
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)
+    return text.split(". ")[0].rstrip(".")
 
 
 def plan_table(cfg: config.Config, world_size: int, num_samples: int) -> str:
