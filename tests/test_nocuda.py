@@ -157,9 +157,10 @@ def test_wheel_has_pytorch_gloo_and_mpi_and_no_cuda(nocuda):
 
 @pytest.mark.parametrize("controller", ["gloo", "mpi"])
 def test_wheel_allreduces_on_two_ranks_without_cuda(nocuda, controller):
-    code = ("import torch, horovod.torch as hvd; hvd.init(); "
+    # one write per line: mpirun tags (and interleaves) every write of an unbuffered stdout
+    code = ("import sys, torch, horovod.torch as hvd; hvd.init(); "
             "t = hvd.allreduce(torch.tensor([hvd.rank() + 1.0]), op=hvd.Sum); "
-            "print('ALLREDUCE', hvd.rank(), hvd.size(), t.item(), hvd.__file__)")
+            "sys.stdout.write(f'ALLREDUCE {hvd.rank()} {hvd.size()} {t.item()} {hvd.__file__}\\n')")
     cmd = [BUILD_PY, "-c", "from horovod.runner.launch import run_commandline; run_commandline()",
            "-np", "2", "-H", "localhost:2", f"--{controller}", *(["--mpi-args=--oversubscribe"] if controller == "mpi" else []), BUILD_PY, "-c", code]
     env = clean_env(hvd_env(), PYTHONPATH=str(nocuda["unpacked"]))
