@@ -431,7 +431,7 @@ def markdown(res: dict) -> str:
                      if b // WORLD in res["compute"] else "-")
             rows.append((b, name, f"{k['samples_per_second']:.0f}", ", ".join(f"{x:.0f}" for x in k["repeats"]),
                          f"{k['samples_per_second'] / base:.2f}x", model, k["load"][0]))
-    s += [table(["global batch", "setting", "samples/s", "epochs timed", "vs default", "model samples/s", "load avg"],
+    s += [table(["global batch", "setting", "samples/s", "samples/s of each timed epoch", "vs default", "model samples/s", "load avg"],
                 rows), ""]
     s += ["Commands:", "", "```", *res["log"], "```", ""]
     return "\n".join(s)
