@@ -422,8 +422,10 @@ class Trainer:
         st, path = self.state, self.run_dir / "metrics.jsonl"
         # A failure right after the epoch's commit rolls back to a state that publishes the record again.
         # metrics.jsonl is written after TensorBoard, so a record there is in TensorBoard too (also when
-        # the rank 0 that wrote it is gone): no second point.
-        done = self.main and json.loads(json.dumps(st.last_record)) in rundir.read_metrics(path)
+        # the rank 0 that wrote it is gone): no second point. Matched by epoch and step, not by content:
+        # the copy restored may come from another rank, whose timings differ.
+        key = (st.last_record["epoch"], st.last_record["global_step"])
+        done = self.main and any((r["epoch"], r.get("global_step")) == key for r in rundir.read_metrics(path))
         self.monitor.epoch(st.last_record, tensorboard=not done)
         if self.main:
             _write_record(path, st.last_record)

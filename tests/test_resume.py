@@ -222,8 +222,9 @@ cfg = config.from_args(args.config, cli._overrides(args))
 dist.init(1)
 t = Trainer(cfg)
 t.fit()
-for change in (None, "world_size"):  # the same record again, then one that differs (another timeline)
-    if change:
+# the same record from another rank (its own timings), then one of another timeline (another step)
+for changes in (["epoch_seconds"], ["world_size", "global_step"]):
+    for change in changes:
         t.state.last_record[change] += 1
     t._open_files()
     t.state.record_pending = True
