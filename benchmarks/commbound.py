@@ -38,15 +38,15 @@ BIN = Path(sys.executable).parent
 from bench import ACC_COMMON, RUNS, env, records, table  # noqa: E402
 
 PROFILES = {
-    "full": dict(bandwidths=["unlimited", "1gbit", "100mbit"], batches=[32, 64, 128, 256, 512, 1024, 2048, 4096],
+    "full": dict(decompose_batches=[32, 128, 512], bandwidths=["unlimited", "1gbit", "100mbit"], batches=[32, 64, 128, 256, 512, 1024, 2048, 4096],
                  cap=256, tp_samples=8192, repeats=2, seeds=[0, 1, 2], acc_samples=None, target=0.88,
                  warmups=[1, 2, 3], warmup_lrs=[0.05, 0.025, 0.0125], knob_batches=[128, 1024], knob_samples=8192,
                  knobs=None),
-    "reduced": dict(bandwidths=["unlimited", "1gbit", "100mbit"], batches=[32, 128, 512, 2048], cap=256,
+    "reduced": dict(decompose_batches=[32, 512], bandwidths=["unlimited", "1gbit", "100mbit"], batches=[32, 128, 512, 2048], cap=256,
                     tp_samples=4096, repeats=1, seeds=[0], acc_samples=12000, test_samples=2000, target=0.85,
                     warmups=[1, 2, 3], warmup_lrs=[0.025], knob_batches=[128], knob_samples=4096,
                     knobs=None),
-    "smoke": dict(bandwidths=["unlimited", "100mbit"], batches=[64, 512], cap=256, tp_samples=1024, repeats=1,
+    "smoke": dict(decompose_batches=[64], bandwidths=["unlimited", "100mbit"], batches=[64, 512], cap=256, tp_samples=1024, repeats=1,
                   seeds=[0], acc_samples=2048, target=0.5, warmups=[1], warmup_lrs=[0.025], knob_batches=[128],
                   knob_samples=1024, knobs=["default", "fp16 compression"]),
 }
@@ -55,6 +55,11 @@ WORLD = 2
 # Named, not discovered: horovodrun caches the interfaces it found per host list for an hour in
 # ~/.horovod, and another cluster with the same host names (node1, node2) may have used eth1.
 IFACE = "eth0"
+DECOMPOSE = {  # name -> flags of worker.py minimal (2 ranks on one host)
+    "independent": ["--plain"],
+    "lockstep": ["--plain", "--lockstep"],
+    "allreduce": [],
+}
 KNOBS = {  # name -> worker flags; each is measured against "default" at the slowest link
     "default": [],
     "fp16 compression": ["--compression", "fp16"],
@@ -103,6 +108,22 @@ class Runner:
         self.run([BIN / "horovodrun", "-np", np_, *where, "--gloo", sys.executable, ROOT / "benchmarks/worker.py",
                   mode, out, "--threads", 1, *args], cluster)
         return json.loads(Path(out).read_text())
+
+    def workers_at_once(self, mode, outs, args) -> list:
+        """One single-process worker per path in `outs`, all started together on this host: the compute of
+        one rank while the other host's rank computes on the same cores, as it does in the cluster."""
+        cmds = [[str(c) for c in (BIN / "horovodrun", "-np", 1, "-H", "localhost:1", "--gloo", sys.executable,
+                                  ROOT / "benchmarks/worker.py", mode, out, "--threads", 1, *args)] for out in outs]
+        for cmd in cmds:
+            self.log.append("$ " + " ".join(shlex.quote(c) for c in cmd).replace(str(BIN) + "/", ".venv/bin/")
+                            .replace(str(ROOT) + "/", "") + " &")
+        procs = [subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True) for cmd in cmds]
+        for proc in procs:
+            out, _ = proc.communicate(timeout=7200)
+            if proc.returncode:
+                sys.exit(f"commbound: command failed ({proc.returncode}):\n{out[-3000:]}")
+        return [json.loads(Path(out).read_text()) for out in outs]
 
     def train(self, run_dir, flags, cluster=None) -> dict:
         """adabatch-train through the product's launchers; {records, error, load}."""
@@ -196,6 +217,19 @@ def measure(name: str, out: Path, r: Runner) -> dict:
     per_worker = sorted({b // WORLD for b in p["batches"] + p["knob_batches"]})
     one = r.worker("throughput", work / "compute.json", ["--batches", ",".join(map(str, per_worker)), *tp_args], np_=1)
     res["compute"] = {pt["global_batch"]: pt["samples_per_second"] for pt in one["points"]}
+    # The same, with two such processes at once: the two namespace hosts share this machine's cores.
+    pair = r.workers_at_once("throughput", [work / f"compute-shared-{i}.json" for i in range(WORLD)],
+                             ["--batches", ",".join(map(str, per_worker)), *tp_args])
+    res["compute_shared"] = {pt["global_batch"]: statistics.mean(
+        run["points"][i]["samples_per_second"] for run in pair) for i, pt in enumerate(pair[0]["points"])}
+    res["load"]["compute"].append(load())
+    # One host, two ranks of Horovod's example loop: with no communication, with the ranks waiting for each
+    # other once per step but moving no gradients, and with the gradient allreduce: what each step adds.
+    res["decompose"] = {b: {name: r.worker("minimal", work / f"minimal-{b}-{name}.json",
+                                           ["--batches", b, "--samples", p["tp_samples"], "--repeats", p["repeats"],
+                                            *flags])["samples_per_second"]
+                            for name, flags in DECOMPOSE.items()}
+                        for b in p["decompose_batches"]}
     res["load"]["compute"].append(load())
 
     # One host, two processes: AdaBatch and the fixed-large warmup grid (Goyal et al.).
@@ -330,7 +364,15 @@ def markdown(res: dict) -> str:
           "per-worker batch and micro-batch (measured alone, 1 thread: "
           + ", ".join(f"{b}: {v:.0f}/s" for b, v in sorted(res["compute"].items())) + " samples/s), plus "
           "allreduce = bytes x 2(N-1)/N / bandwidth, the tbf rate (for 'unlimited', the TCP rate measured above).", ""]
-    head = ["global batch", "micro x accum"] + [f"{bw}: samples/s (model, measured/model)" for bw in res["links"]]
+    shared = res.get("compute_shared")
+    if shared:
+        s += ["The two hosts are namespaces on one machine and share its 2 cores, so a second model takes the "
+              "compute measured with two such single-process runs started together on one host (per process: "
+              + ", ".join(f"{b}: {v:.0f}/s" for b, v in sorted(shared.items())) + "); its fraction is "
+              "`shared`. The first model is the goal's; the second separates what co-location costs from what the "
+              "trainer and Horovod cost.", ""]
+    head = ["global batch", "micro x accum"] + [f"{bw}: samples/s (model, measured/model{'; shared' if shared else ''})"
+                                                for bw in res["links"]]
     rows, below = [], []
     points = {bw: {pt["global_batch"]: pt for pt in link["points"]} for bw, link in res["links"].items()}
     for b in p["batches"]:
@@ -339,9 +381,12 @@ def markdown(res: dict) -> str:
         for bw, pts in points.items():
             m = model_rate(b, res["compute"], mb, bits_per_second(bw, res["links"]))
             frac = pts[b]["samples_per_second"] / m
-            row.append(f"{pts[b]['samples_per_second']:.0f} ({m:.0f}, **{frac:.2f}**)")
+            cell = f"{pts[b]['samples_per_second']:.0f} ({m:.0f}, **{frac:.2f}**"
+            frac_shared = pts[b]["samples_per_second"] / model_rate(b, shared, mb, bits_per_second(bw, res["links"])) \
+                if shared else None
+            row.append(cell + (f"; {frac_shared:.2f})" if shared else ")"))
             if frac < 0.9:
-                below.append((bw, b, frac))
+                below.append((bw, b, frac, frac_shared))
         rows.append(row)
     s += [table(head, rows), "", "![throughput against batch per bandwidth](comm_throughput.png)", ""]
     ratio = {bw: pts[max(pts)]["samples_per_second"] / pts[min(pts)]["samples_per_second"] for bw, pts in points.items()}
@@ -351,7 +396,25 @@ def markdown(res: dict) -> str:
              for bw, pts in points.items() for b in pts]
     s += [f"Measured / model over all {len(fracs)} points: median {statistics.median(fracs):.2f}, "
           f"min {min(fracs):.2f}, max {max(fracs):.2f}; {len(below)} below the 0.9 goal"
-          + (": " + ", ".join(f"{bw} B={b} ({f:.2f})" for bw, b, f in below) if below else "") + ".", ""]
+          + (": " + ", ".join(f"{bw} B={b} ({f:.2f}" + (f"; shared {fs:.2f})" if shared else ")")
+                              for bw, b, f, fs in below) if below else "") + ".", ""]
+    if shared:
+        fs = [pts[b]["samples_per_second"] / model_rate(b, shared, mb, bits_per_second(bw, res["links"]))
+              for bw, pts in points.items() for b in pts]
+        s += [f"With the shared-core compute: median {statistics.median(fs):.2f}, min {min(fs):.2f}, "
+              f"max {max(fs):.2f}; {sum(f < 0.9 for f in fs)} below 0.9.", ""]
+
+    if res.get("decompose"):
+        s += ["Where a step's time goes beyond the model, on one host (2 ranks, Horovod's example loop of (c), "
+              f"{p['tp_samples']} samples per epoch, no micro-batch cap, the median of {p['repeats']} timed epochs): "
+              "`independent` = each rank trains on its own slice with no communication (`worker.py minimal "
+              "--plain`); `lockstep` = the same plus a 1-element allreduce after every step, so the ranks wait "
+              "for each other but move no gradients (`--lockstep`); `allreduce` = Horovod's DistributedOptimizer. "
+              "Samples/s of both ranks together:", "",
+              table(["global batch", "independent", "lockstep", "allreduce", "lockstep / independent",
+                     "allreduce / lockstep"],
+                    [(b, *(f"{v[k]:.0f}" for k in DECOMPOSE), f"{v['lockstep'] / v['independent']:.2f}",
+                      f"{v['allreduce'] / v['lockstep']:.2f}") for b, v in res["decompose"].items()]), ""]
 
     # f2
     target = p["target"]
@@ -446,7 +509,9 @@ def main():
     out = a.out.resolve()
     if a.reuse:
         res = json.loads((out / "commbound.json").read_text())
-        res["compute"] = {int(k): v for k, v in res["compute"].items()}
+        for key in ("compute", "compute_shared", "decompose"):
+            if key in res:
+                res[key] = {int(k): v for k, v in res[key].items()}
     else:
         from cluster import ClusterError
 

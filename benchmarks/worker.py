@@ -68,7 +68,10 @@ def throughput(a) -> dict:
 def minimal(a) -> dict:
     """Horovod's PyTorch example loop: shard, forward, backward, DistributedOptimizer step.
 
-    --plain: plain PyTorch instead (torch.optim.SGD, no Horovod), for one process on one device.
+    --plain: plain PyTorch instead (torch.optim.SGD, no Horovod), for one process on one device; under
+    several ranks each trains on its own slice with no communication at all.
+    --lockstep (with --plain): and a 1-element allreduce after every step, so the ranks wait for each other
+    as they do in data-parallel training, but move no gradients.
     """
     from adabatch_hvd.data import build_dataset
     from adabatch_hvd.models import build_model
@@ -95,10 +98,12 @@ def minimal(a) -> dict:
             optimizer.zero_grad()
             torch.nn.functional.cross_entropy(model(x.to(device)), y.to(device)).backward()
             optimizer.step()
+            if a.lockstep:
+                dist.allreduce_sum(torch.zeros(1), name="lockstep")
         if device.type == "cuda":
             torch.cuda.synchronize()
         rates.append(n / (time.perf_counter() - t0))
-    return {"model": a.model, "data": a.data, "global_batch": a.batches[0], "samples": n, "plain": a.plain,
+    return {"model": a.model, "data": a.data, "global_batch": a.batches[0], "samples": n, "plain": a.plain, "lockstep": a.lockstep,
             "device": str(device), "samples_per_second": statistics.median(rates[1:]), "repeats": rates[1:]}
 
 
@@ -209,6 +214,7 @@ def main():
     p.add_argument("--cycle-ms", type=float, default=None)
     p.add_argument("--autotune", action="store_true")
     p.add_argument("--plain", action="store_true", help="minimal: plain PyTorch, no Horovod optimizer")
+    p.add_argument("--lockstep", action="store_true", help="minimal --plain: a 1-element allreduce per step")
     a = p.parse_args()
     dist.init(a.threads, comm_config(a).horovod_env())
     result = {"throughput": throughput, "minimal": minimal, "comm": comm, "profile": profile}[a.mode](a)

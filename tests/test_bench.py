@@ -27,6 +27,8 @@ def test_bench_quick_writes_every_section(tmp_path):
     assert "node1$ launch/run-multinode.sh -H node1:1,node2:1" in f
     assert "**Reduced run** (`--profile smoke`)" in f  # a reduced run says so
     assert "fp16 [413844]" in f and "none [827688]" in f  # fp16 halves the bytes per step
+    assert "With the shared-core compute: median" in f  # the co-located compute model was measured
+    assert "| lockstep / independent |" in f  # and the decomposition of a step on one host
     g = text.split("## (g)")[1].split("\n## ")[0]
     assert "Median ratio project / torchvision: **" in g
     h = text.split("## (h)")[1].split("\n## ")[0]
