@@ -415,6 +415,18 @@ def markdown(res: dict) -> str:
                      "allreduce / lockstep"],
                     [(b, *(f"{v[k]:.0f}" for k in DECOMPOSE), f"{v['lockstep'] / v['independent']:.2f}",
                       f"{v['allreduce'] / v['lockstep']:.2f}") for b, v in res["decompose"].items()]), ""]
+        lock = [v["lockstep"] / v["independent"] for v in res["decompose"].values()]
+        ar = [v["allreduce"] / v["lockstep"] for v in res["decompose"].values()]
+        s += ["Reading the fractions: the model takes each rank's compute at the speed of a process that does not "
+              "wait for anyone, and the link as the only thing the ranks share. Here the two hosts' ranks, "
+              "Horovod's background threads, Gloo's transport and the kernel's veth traffic all run on the same "
+              "2 cores, one rank per core. Ranks that wait for each other once per step lose what either loses to "
+              f"the other threads (lockstep / independent: {min(lock):.2f}-{max(lock):.2f}), and moving the "
+              f"gradients costs CPU on those cores (allreduce / lockstep: {min(ar):.2f}-{max(ar):.2f}). Neither "
+              "is in the model, so where compute sets the pace (every batch on the fast links, the largest at the "
+              "slow one) the measured points sit below it by about that product. Where the link sets the pace "
+              "they can beat it, because Horovod allreduces the last layers' gradients while the backward pass is "
+              "still computing the first ones, and the model adds the whole transfer after the compute.", ""]
 
     # f2
     target = p["target"]
