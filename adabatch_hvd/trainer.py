@@ -259,7 +259,7 @@ class Trainer:
         self.monitor.start(self.plans, self.world, st.epoch, st.global_step)
         try:
             if st.record_pending:
-                self._publish_epoch()
+                self._publish_epoch(again=True)
             steps_this_process = 0
             while st.epoch < self.schedule.epochs:
                 plan = self.plans[st.epoch]
@@ -417,17 +417,19 @@ class Trainer:
             self.elastic.commit()
         self._publish_epoch()
 
-    def _publish_epoch(self) -> None:
-        """Write the finished epoch's record and checkpoint; repeating it after a reset is harmless."""
+    def _publish_epoch(self, again: bool = False) -> None:
+        """Write the finished epoch's record and checkpoint; `again`: after a reset, which may have
+        published it already."""
         st, path = self.state, self.run_dir / "metrics.jsonl"
         # A failure right after the epoch's commit rolls back to a state that publishes the record again.
         # metrics.jsonl is written after TensorBoard, so a record there is in TensorBoard too (also when
         # the rank 0 that wrote it is gone): no second point. Matched by epoch and step, not by content:
         # the copy restored may come from another rank, whose timings differ.
         key = (st.last_record["epoch"], st.last_record["global_step"])
-        done = self.main and any((r["epoch"], r.get("global_step")) == key for r in rundir.read_metrics(path))
+        done = again and self.main and any((r["epoch"], r.get("global_step")) == key
+                                           for r in rundir.read_metrics(path))
         self.monitor.epoch(st.last_record, tensorboard=not done)
-        if self.main:
+        if self.main and not done:
             _write_record(path, st.last_record)
         st.record_pending = False
         self._save()

@@ -89,12 +89,15 @@ class Runner:
     def __init__(self):
         self.log = []
 
+    def _note(self, cmd: list, prompt: str, tail: str = "") -> None:
+        """Log a command as RESULTS.md shows it: paths relative to the repository."""
+        self.log.append(prompt + " ".join(shlex.quote(c) for c in cmd).replace(str(BIN) + "/", ".venv/bin/")
+                        .replace(str(ROOT) + "/", "") + tail)
+        print(self.log[-1], file=sys.stderr, flush=True)
+
     def run(self, cmd, cluster=None, check=True, timeout=7200) -> subprocess.CompletedProcess:
         cmd = [str(c) for c in cmd]
-        where = "node1$ " if cluster else "$ "
-        self.log.append(where + " ".join(shlex.quote(c) for c in cmd).replace(str(BIN) + "/", ".venv/bin/")
-                        .replace(str(ROOT) + "/", ""))
-        print(self.log[-1], file=sys.stderr, flush=True)
+        self._note(cmd, "node1$ " if cluster else "$ ")
         if cluster:
             proc = cluster.run("node1", cmd, cwd=ROOT, env=env(), timeout=timeout)
         else:
@@ -115,8 +118,7 @@ class Runner:
         cmds = [[str(c) for c in (BIN / "horovodrun", "-np", 1, "-H", "localhost:1", "--gloo", sys.executable,
                                   ROOT / "benchmarks/worker.py", mode, out, "--threads", 1, *args)] for out in outs]
         for cmd in cmds:
-            self.log.append("$ " + " ".join(shlex.quote(c) for c in cmd).replace(str(BIN) + "/", ".venv/bin/")
-                            .replace(str(ROOT) + "/", "") + " &")
+            self._note(cmd, "$ ", " &")
         procs = [subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   text=True) for cmd in cmds]
         for proc in procs:

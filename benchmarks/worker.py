@@ -103,8 +103,8 @@ def minimal(a) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         rates.append(n / (time.perf_counter() - t0))
-    return {"model": a.model, "data": a.data, "global_batch": a.batches[0], "samples": n, "plain": a.plain, "lockstep": a.lockstep,
-            "device": str(device), "samples_per_second": statistics.median(rates[1:]), "repeats": rates[1:]}
+    return {"model": a.model, "data": a.data, "global_batch": a.batches[0], "samples": n, "plain": a.plain,
+            "lockstep": a.lockstep, "device": str(device), "samples_per_second": statistics.median(rates[1:]), "repeats": rates[1:]}
 
 
 def comm(a) -> dict:

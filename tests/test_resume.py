@@ -228,7 +228,7 @@ for changes in (["epoch_seconds"], ["world_size", "global_step"]):
         t.state.last_record[change] += 1
     t._open_files()
     t.state.record_pending = True
-    t._publish_epoch()
+    t._publish_epoch(again=True)
     t._close_files()
 """
     args = ["--config", "configs/fashion_mnist.yaml", "--model.name", "mlp", "--train-samples", "200",
