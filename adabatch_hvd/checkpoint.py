@@ -25,7 +25,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from .errors import UserError, one_line
-from .rundir import atomic_write
+from .atomic import atomic_write
 
 log = logging.getLogger(__name__)
 FORMAT = "adabatch-hvd/1"
@@ -167,6 +167,21 @@ def _quarantine(path: Path, reason: str) -> None:
                 target.name)
 
 
+class NoUsableCheckpoint(UserError):
+    """A directory's checkpoints were all tried and none can be used (each set aside as NAME.bad)."""
+
+
+def first_usable(directory) -> Optional[Path]:
+    """The checkpoint `load` would take from `directory`, found without setting anything aside."""
+    for p in list_checkpoints(directory):
+        try:
+            _read(p)
+            return p
+        except Exception:  # noqa: BLE001 - any failure to read means "not usable"
+            continue
+    return None
+
+
 def load(target, directory=None) -> Tuple[dict, Path]:
     """Load `target` (a file, a directory, or 'latest' meaning `directory`).
 
@@ -174,7 +189,11 @@ def load(target, directory=None) -> Tuple[dict, Path]:
     newer one is set aside with a warning. A file that is given explicitly must be usable.
     """
     path = Path(directory if target in (None, "latest") else target)
-    if path.is_file():
+    if not path.exists():
+        raise UserError(f"--resume: {path} does not exist; give a checkpoint file or a directory of them")
+    if not path.is_dir():
+        if not path.is_file():
+            raise UserError(f"--resume: {path} is not a regular file; give a checkpoint file or a directory of them")
         try:
             return _read(path), path
         except Exception as e:  # noqa: BLE001 - any failure to read means "not usable"
@@ -182,8 +201,7 @@ def load(target, directory=None) -> Tuple[dict, Path]:
                             f"(ls {path.parent}) or --resume alone for the newest usable one") from None
     candidates = list_checkpoints(path)
     if not candidates:
-        raise UserError(f"--resume: no checkpoint found in {path} (expected ckpt-e*-s*.pt files); "
-                        f"start without --resume or give a checkpoint path")
+        raise UserError(f"--resume: no checkpoint found in directory {path} (expected ckpt-e*-s*.pt files)")
     for p in candidates:
         try:
             return _read(p), p
@@ -191,6 +209,5 @@ def load(target, directory=None) -> Tuple[dict, Path]:
             log.warning("checkpoint %s cannot be read (%s); trying the previous one", p, one_line(e))
         except Exception as e:  # noqa: BLE001
             _quarantine(p, one_line(e))
-    raise UserError(f"--resume: no usable checkpoint in {path} ({len(candidates)} tried, see the warnings above); "
-                    f"start a fresh run dir")
-
+    raise NoUsableCheckpoint(f"--resume: no usable checkpoint in {path} ({len(candidates)} tried, see the warnings "
+                             f"above)")

@@ -13,8 +13,9 @@ import logging
 import os
 import re
 import sys
+import threading
 
-from . import config, sampler
+from . import config, sampler, signals
 from .errors import EXIT_STOPPED, DiskFull, OneLineParser, UserError, print_error
 
 # Training-set sizes, so that adabatch-plan works without the data on disk.
@@ -52,6 +53,8 @@ def _setup_logging(rank) -> None:
 
 def train_main(argv=None) -> int:
     """adabatch-train: run (or resume) an AdaBatch training job on every Horovod rank."""
+    signals.install()  # first: a stop request during set-up stops the run at its first step
+    _quiet_disk_full_threads()
     args = _parser("adabatch-train", "Train with AdaBatch adaptive batch sizes on Horovod.").parse_args(argv)
     prog = "adabatch-train"
     cfg = None
@@ -96,21 +99,31 @@ def train_main(argv=None) -> int:
 
 
 def _train(cfg: config.Config):
-    """Build and run the trainer; if it fails before its first optimizer step, rank 0 removes what
-    this run created in the run dir (a fresh run leaves no run dir at all)."""
-    from . import dist, rundir
+    """Build and run the trainer, then give the run dir back; if it fails before its first optimizer
+    step, rank 0 first removes what this start added to the run dir (a fresh run leaves no run dir)."""
     from .trainer import Trainer
 
-    before = rundir.snapshot(cfg.run.run_dir)
-    trainer = None
+    trainer, failed = None, True
     try:
         trainer = Trainer(cfg)
         trainer.fit()
-    except BaseException:
-        if dist.rank() == 0 and (trainer is None or trainer.monitor is None or not trainer.monitor.steps):
-            rundir.discard(cfg.run.run_dir, before)
-        raise
+        failed = False
+    finally:
+        if trainer is not None:
+            trainer.release(undo=failed and not trainer.trained)
     return trainer
+
+
+def _quiet_disk_full_threads() -> None:
+    """A full disk also fails TensorBoard's writer thread; the main thread reports it in one line (exit 4),
+    so the thread's traceback is left out."""
+    default = threading.excepthook
+
+    def hook(args):
+        if not (isinstance(args.exc_value, OSError) and args.exc_value.errno in (errno.ENOSPC, errno.EDQUOT)):
+            default(args)
+
+    threading.excepthook = hook
 
 
 def _first_sentence(e: Exception) -> str:

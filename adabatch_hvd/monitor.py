@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import rundir
 from .config import Config, to_dict
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class Monitor:
         if sub not in self._writers:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writers[sub] = SummaryWriter(log_dir=str(self.run_dir / "tb" / sub), purge_step=self._purge[sub])
+            self._writers[sub] = SummaryWriter(log_dir=str(self.run_dir / rundir.TB / sub), purge_step=self._purge[sub])
         return self._writers[sub]
 
     def start(self, plans, world: int, epoch: int, global_step: int = 0) -> None:
@@ -171,9 +172,9 @@ class Monitor:
                   for section, values in to_dict(self.cfg).items() for k, v in values.items()}
             metrics = {f"hparam/{k}": final[k] for k in ("test_acc", "test_loss", "train_loss")}
             self.writer().add_hparams(hp, metrics, run_name=".")
-        log.info("metrics: %s | log: %s | config: %s | TensorBoard: %s | checkpoints: %s",
-                 self.run_dir / "metrics.jsonl", self.run_dir / "train.log", self.run_dir / "config.yaml",
-                 self.run_dir / "tb", self.run_dir / "checkpoints")
+        d = self.run_dir
+        log.info("metrics: %s | log: %s | config: %s | TensorBoard: %s | checkpoints: %s", d / rundir.METRICS,
+                 d / rundir.LOG, d / rundir.CONFIG, d / rundir.TB, d / rundir.CHECKPOINTS)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -16,74 +16,189 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import atomic_write
 from .errors import DiskFull, UserError
+from .runlock import RunLock
 
 log = logging.getLogger(__name__)
 
-
-class _Recorded:
-    """A file that remembers its write error: torch.save reports one as an unrelated RuntimeError."""
-
-    def __init__(self, f):
-        self.f, self.error = f, None
-
-    def write(self, data):
-        try:
-            return self.f.write(data)
-        except OSError as e:
-            self.error = e
-            raise
-
-    def __getattr__(self, name):
-        return getattr(self.f, name)
+# The run dir's layout (the module docstring); every other module names these files through here.
+METRICS, CONFIG, HISTORY, LOG, TB, CHECKPOINTS = ("metrics.jsonl", "config.yaml", "config-history.jsonl",
+                                                  "train.log", "tb", "checkpoints")
 
 
-def atomic_write(path: Path, write) -> None:
-    """Write `path` through `write(binary_file)` into a temp file beside it, fsync, rename, fsync the dir.
+# ---- what a run dir holds, and whether a start may use it -------------------------------------------
+@dataclass
+class Contents:
+    """A run's history in a run dir: epoch records and checkpoints (config.yaml, train.log and tb/
+    alone are a start that saved nothing, which a restart repeats)."""
 
-    A crash leaves the old file or the new one, never a mix; on a full disk the temp file is
-    removed and `DiskFull` is raised.
+    epochs: list  # the epochs metrics.jsonl has records of
+    lines: int  # its non-empty lines, whole records or not
+    checkpoints: list  # checkpoint file names, newest first
+    bad: list  # checkpoints set aside as unusable (NAME.bad)
+
+    @classmethod
+    def read(cls, run_dir: Path) -> "Contents":
+        from . import checkpoint  # here, so that reading metrics (adabatch-report) does not import torch
+
+        ckpts = Path(run_dir) / CHECKPOINTS
+        bad = sorted(n for n in os.listdir(ckpts) if ".pt.bad" in n) if ckpts.is_dir() else []
+        metrics = Path(run_dir) / METRICS
+        lines = 0
+        if metrics.is_file():
+            with open(metrics, "rb") as f:
+                lines = sum(1 for line in f if line.strip())
+        return cls([r["epoch"] for r in read_metrics(metrics)], lines,
+                   [p.name for p in checkpoint.list_checkpoints(ckpts)], bad)
+
+    @property
+    def holds_run(self) -> bool:
+        return bool(self.lines or self.checkpoints or self.bad)
+
+    def summary(self) -> str:
+        parts = []
+        if self.epochs:
+            epochs = sorted(set(self.epochs))
+            parts.append(f"records of epoch{'s' if len(epochs) > 1 else ''} {_spans(epochs)} in {METRICS}")
+        if self.lines > len(self.epochs):
+            parts.append(f"{self.lines - len(self.epochs)} unreadable line(s) in {METRICS}")
+        if self.checkpoints:
+            parts.append(f"{len(self.checkpoints)} checkpoint(s), the newest {self.checkpoints[0]}")
+        if self.bad:
+            parts.append(f"{len(self.bad)} unusable checkpoint(s) set aside as *.bad")
+        return ", ".join(parts)
+
+
+def _spans(numbers: list) -> str:
+    """'0-3, 5' for [0, 1, 2, 3, 5]."""
+    spans = []
+    for n in numbers:
+        if spans and spans[-1][1] == n - 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def cannot_continue(run_dir: Path, contents: "Contents | None" = None) -> UserError:
+    """What every start mode says about a run dir whose run has no usable checkpoint to go on from."""
+    contents = contents or Contents.read(run_dir)
+    return UserError(f"run dir {run_dir} holds a run that cannot be continued ({contents.summary()}; no usable "
+                     f"checkpoint); to keep it, choose a new --run-dir; to start over in it, move its files away first")
+
+
+def decide(run_dir: Path, resume):
+    """What a start does with the run dir: None (train from scratch), 'latest' or a checkpoint path.
+
+    --resume auto continues when there is a checkpoint and starts when the run dir holds no run;
+    no mode ever starts over a run's history (epoch records or checkpoints): that is one UserError.
     """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
-    f = None
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            f = _Recorded(raw)
-            write(f)
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        cause = (f.error if f is not None else None) or e
-        if getattr(cause, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFull(path) from None
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+    from . import checkpoint
+
+    contents = Contents.read(run_dir)
+    if resume not in (None, False, True, "latest", "auto"):
+        if not Path(resume).exists():
+            raise UserError(f"--resume: {resume} does not exist; give a checkpoint file or a directory of them, "
+                            f"or --resume alone for the newest in the run dir")
+        return resume
+    if resume:
+        if contents.checkpoints:
+            return "latest"
+        if contents.holds_run:
+            raise cannot_continue(run_dir, contents)
+        if resume == "auto":
+            if (run_dir / CONFIG).exists():
+                log.warning("run dir %s holds a start that saved nothing (no epoch record, no checkpoint): "
+                            "starting it over", run_dir)
+            return None
+        raise UserError(f"--resume: run dir {run_dir} holds no run to continue (no checkpoint in "
+                        f"{run_dir / CHECKPOINTS}); start without --resume, or give --resume auto, which starts "
+                        f"a new run dir and continues one with a checkpoint")
+    if contents.holds_run:
+        if not contents.checkpoints or checkpoint.first_usable(run_dir / CHECKPOINTS) is None:
+            raise cannot_continue(run_dir, contents)
+        raise UserError(f"run dir {run_dir} already holds a run ({contents.summary()}); continue it with --resume "
+                        f"(or --resume auto), or choose a new --run-dir")
+    return None
 
 
-def check(run_dir: Path, resume) -> None:
-    """The run dir must be writable, and a fresh run must not mix into an earlier run's files."""
-    from . import checkpoint  # here, so that reading metrics (adabatch-report) does not import torch
+def preflight(run_dir: Path) -> None:
+    """Find before the first step whatever would make the first log, record or checkpoint write fail."""
+    for name in (CHECKPOINTS, TB, f"{TB}/steps"):
+        path = run_dir / name
+        if path.exists() and not path.is_dir():
+            raise UserError(f"run dir {run_dir} holds a file {path} where a directory goes; move it away")
+    for name in (METRICS, CONFIG, HISTORY, LOG, f"{CHECKPOINTS}/index.json"):
+        path = run_dir / name
+        if path.exists() and not path.is_file():
+            raise UserError(f"run dir {run_dir} holds {path}, which is not a regular file; move it away")
+    for path in [run_dir] + [run_dir / n for n in (CHECKPOINTS, TB, f"{TB}/steps") if (run_dir / n).is_dir()]:
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".write-test-", dir=path)
+            try:
+                os.write(fd, b"x" * 4096)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+                os.unlink(tmp)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(path) from None
+            raise UserError(f"cannot write in {path}: {e.strerror}; choose another run.run_dir") from None
 
-    if not resume and ((run_dir / "metrics.jsonl").exists() or checkpoint.latest(run_dir / "checkpoints")):
-        raise UserError(f"run dir {run_dir} already holds a run (metrics.jsonl, checkpoints/); pass --resume "
-                        f"to continue it, or choose a new --run-dir")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"run dir {run_dir} is a file; choose another run.run_dir")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create run dir {run_dir}: {e.strerror}") from None
-    if not os.access(run_dir, os.W_OK | os.X_OK):
-        raise UserError(f"run dir {run_dir} is not writable; choose another run.run_dir")
+
+class RunDir:
+    """Rank 0's hold on the run dir for one job: its lock, the checks before the first step, and
+    undoing a start that fails before it saved anything."""
+
+    def __init__(self, path, token: str):
+        self.path = Path(path)
+        self.lock = RunLock(self.path, token)
+        self.before = None  # what existed before this process claimed the run dir (None: it did not)
+
+    def claim(self, resume):
+        """Make the run dir, lock it and check it; return what to resume from (see `decide`)."""
+        before = snapshot(self.path)
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"run dir {self.path} is a file; choose another run.run_dir")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create run dir {self.path}: {e.strerror}") from None
+        if not os.access(self.path, os.W_OK | os.X_OK):
+            raise UserError(f"run dir {self.path} is not writable; choose another run.run_dir")
+        try:
+            self.lock.acquire()
+        except BaseException:
+            _remove_made(self.path, before[0])  # only directories this start made, and only if empty
+            raise
+        self.before = before
+        preflight(self.path)
+        return decide(self.path, resume)
+
+    def release(self, undo: bool = False) -> None:
+        """End the hold; `undo`: first remove what this start added (it failed before saving anything)."""
+        self.lock.stop()
+        if undo and self.before is not None:
+            discard(self.path, self.before)
+        self.lock.release()
+
+
+def _remove_made(path: Path, missing) -> None:
+    """Remove the empty directories a start made, from `path` up to `missing` (the topmost it made)."""
+    if missing is None:
+        return
+    path = Path(path).absolute()
+    while path != missing.parent and path != path.parent:
+        try:
+            path.rmdir()
+        except OSError:
+            break
+        path = path.parent
 
 
 # ---- a run that fails before its first step leaves nothing behind --------------------------------
@@ -105,7 +220,7 @@ def discard(run_dir, before: tuple) -> None:
     if not run_dir.is_dir():
         return
     added = set(os.listdir(run_dir)) - names
-    if added & {"metrics.jsonl", "checkpoints"}:
+    if added & {METRICS, CHECKPOINTS}:
         return  # it did save something after all (an elastic restart resets the step count)
     if missing is None:
         for name in added:
@@ -113,13 +228,7 @@ def discard(run_dir, before: tuple) -> None:
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         return
     shutil.rmtree(run_dir, ignore_errors=True)
-    path = run_dir.parent
-    while path != missing.parent and path != path.parent:
-        try:
-            path.rmdir()
-        except OSError:
-            break
-        path = path.parent
+    _remove_made(run_dir.parent, missing)
 
 
 # ---- metrics.jsonl ----------------------------------------------------------------------------------
@@ -159,11 +268,11 @@ def truncate_metrics(path: Path, epoch: int) -> None:
 # ---- config.yaml and its history -----------------------------------------------------------------
 def write_config(run_dir: Path, text: str, changes: dict, at: dict) -> None:
     """Write config.yaml (when it differs) and, for a resume that changed something, a history record."""
-    path = run_dir / "config.yaml"
+    path = run_dir / CONFIG
     if not path.exists() or path.read_text(errors="replace") != text:
         atomic_write(path, lambda f: f.write(text.encode()))
     if changes:
         record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **at,
                   "changes": {k: {"from": a, "to": b} for k, (a, b) in changes.items()}}
-        with open(run_dir / "config-history.jsonl", "a") as f:
+        with open(run_dir / HISTORY, "a") as f:
             f.write(json.dumps(record) + "\n")

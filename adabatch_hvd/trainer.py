@@ -11,6 +11,7 @@ import copy
 import itertools
 import json
 import logging
+import logging.handlers
 import math
 import time
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, dist, rundir, sampler
+from . import checkpoint, dist, rundir, runlock, sampler
 from .accumulation import Accumulator
 from .config import Config, build_schedule, dump_yaml, resume_changes, to_dict
 from .data import build_dataset
@@ -109,7 +110,7 @@ class Trainer:
         self.device = pick_device(cfg.run.device)
         self.schedule = build_schedule(cfg)
         self.run_dir = Path(cfg.run.run_dir)
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.ckpt_dir = self.run_dir / rundir.CHECKPOINTS
         d = cfg.data
         kw = dict(seed=cfg.run.seed, synthetic_samples=d.synthetic_samples,
                   synthetic_shape=tuple(d.synthetic_shape), synthetic_classes=d.synthetic_classes)
@@ -137,6 +138,9 @@ class Trainer:
         self.resumed_from = None  # pruning keeps it for as long as this process runs
         self.config_changes = {}  # rank 0: what a resume changed, {key: (old, new)}
         self.monitor, self.log_file = None, None
+        self.log_buffer = None  # rank 0's log lines of a start, for train.log once it is known that the start trains
+        self.hold = None  # the run dir's lock and checks (rundir.RunDir; its token on every rank)
+        self.trained = False  # this process took an optimizer step
         self.started = False  # set by the first sync(): the run dir is agreed on and the position known
         self.elastic = dist.ElasticState(self) if cfg.run.elastic else None
         self.committed = None  # elastic: the in-memory copy a failure rolls back to
@@ -156,17 +160,26 @@ class Trainer:
         self.acc.world_size = self.world
         self._close_files()
         if self.started:
+            if self.main and not self.hold.lock.holds():  # elastic: this process became rank 0
+                self.hold.lock.acquire()
             self._open_files()
 
-    def _open_files(self, monitor: bool = True) -> None:
-        if self.main:
-            self.log_file = logging.FileHandler(self.run_dir / "train.log")
+    def _open_files(self) -> None:
+        """Rank 0's train.log (with the lines buffered since the start) unless there is nothing to train,
+        which leaves the run dir's files as they were; every rank's monitor."""
+        st, package = self.state, logging.getLogger("adabatch_hvd")
+        if self.main and st.epoch < self.schedule.epochs:
+            self.log_file = logging.FileHandler(self.run_dir / rundir.LOG)
             self.log_file.setFormatter(logging.root.handlers[0].formatter if logging.root.handlers else None)
-            logging.getLogger("adabatch_hvd").addHandler(self.log_file)
-        if monitor:
-            st = self.state
-            self.monitor = Monitor(self.cfg, self.main, self.run_dir, self.n_train, st.epoch, st.offset,
-                                   resumed=bool(self.cfg.run.resume))
+            package.addHandler(self.log_file)
+            if self.log_buffer is not None:
+                self.log_buffer.setTarget(self.log_file)
+                self.log_buffer.flush()
+        if self.log_buffer is not None:
+            package.removeHandler(self.log_buffer)
+            self.log_buffer = None
+        self.monitor = Monitor(self.cfg, self.main, self.run_dir, self.n_train, st.epoch, st.offset,
+                               resumed=bool(self.cfg.run.resume))
 
     def _close_files(self) -> None:
         if self.monitor is not None:
@@ -186,13 +199,17 @@ class Trainer:
         root = started.index(True) if True in started else 0
         fresh = not started[root]
         if fresh:
-            _agree(lambda: rundir.check(self.run_dir, cfg.run.resume) if self.main else None)
-            self._open_files(monitor=False)  # the resume is logged to train.log too
-            resume = cfg.run.resume
-            if resume == "auto":
-                resume = dist.broadcast_object(_auto_resume(self.run_dir) if self.main else None, name="resume_auto")
-            if resume:
-                self._resume(resume)
+            if self.main:
+                self.log_buffer = logging.handlers.MemoryHandler(100000, logging.CRITICAL + 1)
+                logging.getLogger("adabatch_hvd").addHandler(self.log_buffer)
+                self.hold = rundir.RunDir(self.run_dir, runlock.new_token())
+            target = _agree(lambda: self.hold.claim(cfg.run.resume) if self.main else None)
+            target = dist.broadcast_object(target, name="resume_target")
+            if target:
+                self._resume(target)
+        token = dist.broadcast_object(self.hold.lock.token if self.hold else None, root, name="run_lock_token")
+        if self.hold is None:
+            self.hold = rundir.RunDir(self.run_dir, token)  # to take the lock over if this rank becomes rank 0
         dist.broadcast_state(self.model, self.optimizer, root=root)
         self.state.load_state_dict(dist.broadcast_object(self.state.state_dict(), root, name="train_state"))
         if not self.started:
@@ -252,9 +269,16 @@ class Trainer:
         finally:
             self._close_files()
 
+    def release(self, undo: bool = False) -> None:
+        """Give the run dir back (rank 0); `undo`: remove what this start added (it failed before saving)."""
+        if self.hold is not None and self.main:
+            self.hold.release(undo)
+
     def _fit(self, _elastic_state=None) -> None:
         """The loop; in elastic runs it is entered again after every reset, from the synced state."""
         st = self.state
+        if st.epoch >= self.schedule.epochs and not st.record_pending:
+            return  # nothing to train (sync said so): no TensorBoard session, no log line in train.log
         self._note_world()  # after a graceful removal there is no sync()
         self.monitor.start(self.plans, self.world, st.epoch, st.global_step)
         try:
@@ -306,6 +330,7 @@ class Trainer:
             local += torch.tensor([float(loss_sum), float(correct), float(count), digest], dtype=torch.float64)
             st.offset, st.global_step = step.start + step.size, st.global_step + 1
             steps_this_process += 1
+            self.trained = True
             self.monitor.step(step.size, step_loss, time.perf_counter() - t_step, self.acc.sync_seconds,
                               self.optimizer.param_groups[0]["lr"], st.global_step)
             if self.auto_micro and st.micro.probing and st.micro.record((time.perf_counter() - t_step) / step.size):
@@ -420,7 +445,7 @@ class Trainer:
     def _publish_epoch(self, again: bool = False) -> None:
         """Write the finished epoch's record and checkpoint; `again`: after a reset, which may have
         published it already."""
-        st, path = self.state, self.run_dir / "metrics.jsonl"
+        st, path = self.state, self.run_dir / rundir.METRICS
         # A failure right after the epoch's commit rolls back to a state that publishes the record again.
         # metrics.jsonl is written after TensorBoard, so a record there is in TensorBoard too (also when
         # the rank 0 that wrote it is gone): no second point. Matched by epoch and step, not by content:
@@ -491,7 +516,12 @@ class Trainer:
 
     def _load_checkpoint(self, target) -> dict:
         """Rank 0: read the checkpoint into the model and optimizer; return its state."""
-        state, path = checkpoint.load(target, self.ckpt_dir)
+        try:
+            state, path = checkpoint.load(target, self.ckpt_dir)
+        except checkpoint.NoUsableCheckpoint:
+            if target != "latest":
+                raise
+            raise rundir.cannot_continue(self.run_dir) from None
         if state["model_name"] != self.cfg.model.name or state["num_classes"] != self.train_set.info.num_classes:
             raise UserError(f"checkpoint {path} is for model '{state['model_name']}' with "
                             f"{state['num_classes']} classes, not '{self.cfg.model.name}' with "
@@ -511,7 +541,13 @@ class Trainer:
             raise UserError(f"checkpoint {path} does not fit model '{self.cfg.model.name}': "
                             f"{str(e).splitlines()[0]}") from None
         self.optimizer.load_state_dict(state["optimizer"])
-        rundir.truncate_metrics(self.run_dir / "metrics.jsonl", state["epoch"])
+        metrics = self.run_dir / rundir.METRICS
+        rundir.truncate_metrics(metrics, state["epoch"])
+        last = state.get("last_record")
+        if last and all(r["epoch"] != last["epoch"] for r in rundir.read_metrics(metrics)):
+            _write_record(metrics, last)
+            log.warning("%s lacked the record of epoch %d: restored it from checkpoint %s", metrics, last["epoch"],
+                        path)
         if path.parent.resolve() == self.ckpt_dir.resolve():
             checkpoint.make_current(path)
         self.resumed_from = path
@@ -525,15 +561,6 @@ def _write_record(path: Path, record: dict) -> None:
     rundir.truncate_metrics(path, record["epoch"])
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
-
-
-def _auto_resume(run_dir: Path):
-    """--resume auto: 'latest' when the run dir has a checkpoint, else a fresh start (dropping the records
-    of a run that died before its first checkpoint), so that a requeued job can rerun the same command."""
-    if checkpoint.latest(run_dir / "checkpoints"):
-        return "latest"
-    rundir.truncate_metrics(run_dir / "metrics.jsonl", 0)
-    return None
 
 
 def _agree(fn):

@@ -73,9 +73,10 @@ CASES = {
     "missing config file": (["--config", "/nonexistent/x.yaml"], "config file not found: /nonexistent/x.yaml"),
     "unreadable config": (["--config", "/"], "cannot read config file /"),
     "run dir not writable": (["--run-dir", "/proc/adabatch"], "cannot create run dir /proc/adabatch"),
-    "resume without checkpoint": (["--resume"], "--resume: no checkpoint found in"),
-    "run dir of another run": (["--run-dir", "runs/.test-existing"], "already holds a run"),
-    "resume from a missing file": (["--resume", "/nonexistent/ckpt.pt"], "no checkpoint found in /nonexistent/ckpt.pt"),
+    "resume without checkpoint": (["--resume"], "holds no run to continue (no checkpoint in"),
+    "run dir of another run": (["--run-dir", "runs/.test-existing"], "runs/.test-existing holds a run that cannot be "
+                               "continued (records of epoch 0 in metrics.jsonl; no usable checkpoint)"),
+    "resume from a missing file": (["--resume", "/nonexistent/ckpt.pt"], "--resume: /nonexistent/ckpt.pt does not exist"),
     "elastic without an elastic launch": (["--elastic"], "run.elastic needs an elastic launch: launch/run-elastic.sh"),
     "commit every 0": (["--commit-every", "0"], "run.commit_every must be >= 1, got 0"),
     "empty run dir": (["--run-dir", ""], "run.run_dir is empty; give a directory"),
