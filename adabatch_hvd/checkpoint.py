@@ -25,6 +25,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from .errors import UserError, one_line
+from .limits import MAX_INDEX_BYTES, read_limited
 from .atomic import atomic_write
 
 log = logging.getLogger(__name__)
@@ -49,10 +50,10 @@ def position(path) -> Tuple[int, int]:
 def _read_index(d: Path) -> Optional[List[str]]:
     """Checkpoint names in the order they became current (oldest first); None without an index."""
     try:
-        data = json.loads((d / INDEX).read_text())
+        data = json.loads(read_limited(d / INDEX, MAX_INDEX_BYTES, "checkpoint index", ""))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError) as e:  # UserError (too large) is a ValueError too
         log.warning("checkpoint index %s is unreadable (%s); ordering checkpoints by step", d / INDEX, one_line(e))
         return None
     names = data.get("order") if isinstance(data, dict) else None

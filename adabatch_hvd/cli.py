@@ -99,18 +99,10 @@ def train_main(argv=None) -> int:
 
 
 def _train(cfg: config.Config):
-    """Build and run the trainer, then give the run dir back; if it fails before its first optimizer
-    step, rank 0 first removes what this start added to the run dir (a fresh run leaves no run dir)."""
     from .trainer import Trainer
 
-    trainer, failed = None, True
-    try:
-        trainer = Trainer(cfg)
-        trainer.fit()
-        failed = False
-    finally:
-        if trainer is not None:
-            trainer.release(undo=failed and not trainer.trained)
+    trainer = Trainer(cfg)
+    trainer.fit()  # gives the run dir back; a start that fails before its first step leaves nothing there
     return trainer
 
 

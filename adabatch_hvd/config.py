@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import math
 import re
+import reprlib
 import typing
 from dataclasses import dataclass, field
 from typing import List, Optional, Union
@@ -17,7 +18,8 @@ from typing import List, Optional, Union
 import yaml
 
 from .errors import UserError, suggest
-from .schedule import Schedule, parse_stages
+from .limits import MAX_CONFIG_BYTES, read_limited
+from .schedule import MAX_EPOCHS, Schedule, parse_stages
 
 
 def _f(default, help: str, **kw):
@@ -218,6 +220,9 @@ class Config:
 # Bounds on numbers that would otherwise exhaust processes or threads before a useful error.
 MAX_WORKERS = 256
 MAX_THREADS = 1024
+# Bounds on the length of a text value (a path: Linux's PATH_MAX) and the items of a list (a stage per epoch).
+MAX_TEXT = 4096
+MAX_ITEMS = MAX_EPOCHS
 DEVICES = ("auto", "cpu", "cuda")
 
 _SECTION_TYPES = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "schedule": ScheduleConfig,
@@ -243,7 +248,9 @@ def _convert(value, tp, key: str):
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            raise UserError(f"{key}: expected a list, got {value!r}")
+            raise UserError(f"{key}: expected a list, got {_show(value)}")
+        if len(value) > MAX_ITEMS:
+            raise UserError(f"{key}: a list of {len(value)} items is longer than the limit of {MAX_ITEMS}")
         return [_convert(v, args[0], key) for v in value]
     try:
         if tp is bool:
@@ -271,7 +278,10 @@ def _convert(value, tp, key: str):
         if tp is str:
             if isinstance(value, (dict, list)):
                 raise ValueError
-            return str(value)
+            text = str(value)
+            if len(text) > MAX_TEXT:
+                raise UserError(f"{key}: a text of {len(text)} characters is longer than the limit of {MAX_TEXT}")
+            return text
     except UserError:
         raise
     except (TypeError, ValueError, OverflowError):
@@ -290,8 +300,12 @@ def _whole(text: str) -> int:
         return int(number)
 
 
+_SHOWN = reprlib.Repr()  # a short repr, in time bounded by its length, whatever the value's size
+_SHOWN.maxstring = _SHOWN.maxother = _SHOWN.maxlong = 80
+
+
 def _show(value) -> str:
-    text = repr(value)
+    text = _SHOWN.repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -324,16 +338,16 @@ def _build(raw: dict) -> Config:
     sections = {}
     for name, values in raw.items():
         if name not in _SECTION_TYPES:
-            raise UserError(f"unknown config section {name!r}{suggest(name, _SECTION_TYPES)}; "
+            raise UserError(f"unknown config section {_show(name)}{suggest(name, _SECTION_TYPES)}; "
                             f"sections are {', '.join(_SECTION_TYPES)}")
         cls = _SECTION_TYPES[name]
         values = values or {}
         if not isinstance(values, dict):
-            raise UserError(f"config section {name!r} must be a mapping, got {values!r}")
+            raise UserError(f"config section {name!r} must be a mapping, got {_show(values)}")
         hints = _hints(cls)
         for key in values:
             if key not in hints:
-                raise UserError(f"unknown config key {f'{name}.{key}'!r}{suggest(key, hints)}")
+                raise UserError(f"unknown config key {_show(f'{name}.{key}')}{suggest(key, hints)}")
         parsers = {f.name: f.metadata.get("parse") for f in dataclasses.fields(cls)}
         sections[name] = cls(**{k: _convert(parsers[k](v) if parsers[k] else v, hints[k], f"{name}.{k}")
                                 for k, v in values.items()})
@@ -353,21 +367,58 @@ def build_schedule(cfg: Config) -> Schedule:
 
 class _Loader(yaml.SafeLoader):
     """PyYAML's safe loader without YAML 1.1's base-60 numbers, so `stages: [0:16, 20:32]` stays text
-    (the stock loader reads 20:32 as 1232), and without deep nesting (parsed in quadratic time)."""
+    (the stock loader reads 20:32 as 1232), without deep nesting (parsed in quadratic time), and
+    without aliases that stand for more than _MAX_VALUES values (the "billion laughs": nine lines of
+    anchors and aliases are 10^9 values to whatever walks the result, and merge keys `<<: [*a, *a]`
+    copy that many in the loader itself)."""
 
     depth = 0
+
+    def compose_document(self):
+        node = super().compose_document()
+        _expanded(node, 1, {})
+        return node
 
     def compose_node(self, parent, index):
         self.depth += 1
         try:
             if self.depth > _MAX_DEPTH:
-                raise yaml.YAMLError(f"nested more than {_MAX_DEPTH} levels deep, far more than a config has")
+                raise _too_deep()
             return super().compose_node(parent, index)
         finally:
             self.depth -= 1
 
 
 _MAX_DEPTH = 32
+_MAX_VALUES = 1_000_000  # a config has a few dozen; a file of MAX_CONFIG_BYTES holds at most half a million
+
+
+def _expanded(node, depth: int, seen: dict) -> tuple:
+    """(values, levels) of the YAML node graph below `node` with every alias counted as what it stands
+    for; each node is measured once (`seen`), so this takes linear time even where the count is huge.
+    Raises past _MAX_VALUES values or _MAX_DEPTH levels (a node that holds an alias to itself too)."""
+    if depth > _MAX_DEPTH:
+        raise _too_deep()
+    if isinstance(node, yaml.ScalarNode):
+        return 1, 1
+    if id(node) not in seen:
+        values, levels = 1, 1
+        children = node.value if isinstance(node, yaml.SequenceNode) else [n for pair in node.value for n in pair]
+        for child in children:
+            v, l = _expanded(child, depth + 1, seen)
+            values, levels = values + v, max(levels, l + 1)
+            if values > _MAX_VALUES:
+                raise yaml.YAMLError(f"more than {_MAX_VALUES} values once its aliases are expanded, far more "
+                                     f"than a config has")
+        seen[id(node)] = values, levels
+    values, levels = seen[id(node)]
+    if depth + levels - 1 > _MAX_DEPTH:
+        raise _too_deep()
+    return values, levels
+
+
+def _too_deep() -> yaml.YAMLError:
+    return yaml.YAMLError(f"nested more than {_MAX_DEPTH} levels deep, far more than a config has")
 
 
 def _flow_depth(text: str) -> int:
@@ -395,12 +446,13 @@ _Loader.add_implicit_resolver(_FLOAT, re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.
 
 
 def load_yaml(path: str) -> dict:
-    """A YAML config file as plain data; any problem reading it is one UserError."""
+    """A YAML config file of at most MAX_CONFIG_BYTES as plain data; any problem reading it is one
+    UserError. A device is read up to the bound too (/dev/stdin works; /dev/zero is refused)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = read_limited(path, MAX_CONFIG_BYTES, "config file", "give a YAML config file (one is a few "
+                                                                   "KB)").decode("utf-8")
         if _flow_depth(text) > _MAX_DEPTH:
-            raise yaml.YAMLError(f"nested more than {_MAX_DEPTH} levels deep, far more than a config has")
+            raise _too_deep()
         raw = yaml.load(text, Loader=_Loader)
     except FileNotFoundError:
         raise UserError(f"config file not found: {path}") from None

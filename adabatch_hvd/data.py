@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
+import math
 import os
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Protocol, Sequence
@@ -19,9 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError, one_line, suggest
+from .limits import MAX_IDX_BYTES, MAX_PICKLE_BYTES, size_text
 
-MAX_SYNTHETIC_SAMPLES = 100_000_000  # its labels alone take 800 MB
+MAX_SAMPLES = 100_000_000  # of an in-memory data set: its labels alone take 800 MB
 MAX_CLASSES = 100_000  # ImageNet-21k has 21,841
+MAX_CHANNELS = 1024  # of synthetic images; real ones have 1 or 3
 DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagenet", "synthetic")
 DEFAULT_ROOTS = {
     "fashion-mnist": "/usr/share/datasets/fashion-mnist",
@@ -247,12 +252,42 @@ class FolderImages:
 
 
 def _read_idx_gz(path: str, reader):
-    """Decompress one IDX .gz into a temporary file, since torchvision's readers only take plain files."""
-    with tempfile.TemporaryDirectory() as tmp:
-        raw = os.path.join(tmp, "idx")
-        with gzip.open(path, "rb") as src, open(raw, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        return reader(raw)
+    """Decompress one IDX .gz into a temporary file, since torchvision's readers only take plain files.
+
+    The sizes in its header are checked against MAX_SAMPLES and MAX_IDX_BYTES first, and no more is
+    decompressed than they claim, so a damaged header or a gzip bomb is an error, not a full disk.
+    """
+    with gzip.open(path, "rb") as src:
+        head = src.read(4)
+        ndim = head[3] if len(head) == 4 else 0
+        dims = struct.unpack(f">{ndim}I", src.read(4 * ndim)) if 1 <= ndim <= 4 else ()
+        size = math.prod(dims)
+        if dims and (dims[0] > MAX_SAMPLES or size > MAX_IDX_BYTES):
+            raise UserError(f"{path}: its header claims {' x '.join(map(str, dims))} bytes, more than the limit "
+                            f"of {MAX_SAMPLES} samples and {size_text(MAX_IDX_BYTES)}; the file is damaged or "
+                            f"not Fashion-MNIST")
+        with tempfile.TemporaryDirectory() as tmp:
+            raw = os.path.join(tmp, "idx")
+            with open(raw, "wb") as dst:
+                dst.write(head + struct.pack(f">{len(dims)}I", *dims))
+                shutil.copyfileobj(io.BufferedReader(_Limited(src, size + 1)), dst)
+            return reader(raw)
+
+
+class _Limited(io.RawIOBase):
+    """The first `n` bytes of a stream."""
+
+    def __init__(self, f, n: int):
+        self.f, self.left = f, n
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.f.read(min(len(buffer), self.left))
+        self.left -= len(data)
+        buffer[: len(data)] = data
+        return len(data)
 
 
 def _check_labels(name: str, labels: torch.Tensor, num_classes: int, where: str, hint: str) -> None:
@@ -275,6 +310,8 @@ def _fashion_mnist(root: str, train: bool, augment: bool, seed: int) -> InMemory
     try:
         images = _read_idx_gz(os.path.join(root, files[0]), read_image_file)
         labels = _read_idx_gz(os.path.join(root, files[1]), read_label_file)
+    except UserError:
+        raise
     except Exception as e:  # noqa: BLE001 - whatever a damaged file makes the reader raise
         raise UserError(f"fashion-mnist: cannot read {files} in '{root}' ({one_line(e)}); reinstall: {hint}") from e
     if images.ndim != 3 or len(images) != len(labels) or images.shape[1] != images.shape[2]:
@@ -307,6 +344,10 @@ def _cifar(name: str, root: str, train: bool, augment: bool, seed: int) -> InMem
         CIFAR100, "cifar-100-python.tar.gz", _CIFAR100)
     where = os.path.join(root, cls.base_folder)
     hint = f"download {archive} from https://www.cs.toronto.edu/~kriz/cifar.html and extract it into '{root}'"
+    for f in os.listdir(where) if os.path.isdir(where) else []:  # torchvision unpickles each file whole
+        if os.path.getsize(os.path.join(where, f)) > MAX_PICKLE_BYTES:
+            raise UserError(f"{name}: {os.path.join(where, f)} is larger than {size_text(MAX_PICKLE_BYTES)}, far "
+                            f"more than a {name.upper()} file; re-{hint}")
     try:
         ds = _unverified(cls)(root, train=train, download=False)
     except RuntimeError as e:
@@ -340,6 +381,9 @@ def _imagenet(root: str, train: bool, augment: bool, seed: int) -> FolderImages:
         # Labels come from train/'s folders for both splits, so a val/ with a missing class
         # cannot silently shift every label after it.
         classes, _ = find_classes(os.path.join(root, "train"))
+        if len(classes) > MAX_CLASSES:
+            raise UserError(f"imagenet: '{root}/train' has {len(classes)} class folders, more than the limit of "
+                            f"{MAX_CLASSES}; give the data set's root")
         folder = ImageFolder(split)
     except (FileNotFoundError, NotADirectoryError) as e:
         raise UserError(f"{layout}; {e}") from e
@@ -371,13 +415,14 @@ def build_dataset(name: str, root: str | None, train: bool, *, augment: bool = T
     if name == "imagenet":
         return _imagenet(root, train, augment, seed)
     shape = tuple(int(s) for s in synthetic_shape)
-    if len(shape) != 3 or shape[1] != shape[2] or min(shape) < 1:
-        raise UserError(f"synthetic_shape must be (channels, size, size), got {tuple(synthetic_shape)}")
+    if len(shape) != 3 or shape[1] != shape[2] or min(shape) < 1 or shape[0] > MAX_CHANNELS:
+        raise UserError(f"synthetic_shape must be (channels, size, size) with 1..{MAX_CHANNELS} channels, got "
+                        f"{tuple(synthetic_shape)}")
     if shape[0] * shape[1] * shape[2] > SyntheticImages.POOL_BYTES:
         raise UserError(f"synthetic_shape {shape} is {shape[0] * shape[1] * shape[2]} bytes per image, above the "
                         f"{SyntheticImages.POOL_BYTES >> 20} MiB image pool; use a smaller shape")
-    if not (1 <= synthetic_samples <= MAX_SYNTHETIC_SAMPLES and 1 <= synthetic_classes <= MAX_CLASSES):
-        raise UserError(f"synthetic data needs 1..{MAX_SYNTHETIC_SAMPLES} samples and 1..{MAX_CLASSES} classes, "
+    if not (1 <= synthetic_samples <= MAX_SAMPLES and 1 <= synthetic_classes <= MAX_CLASSES):
+        raise UserError(f"synthetic data needs 1..{MAX_SAMPLES} samples and 1..{MAX_CLASSES} classes, "
                         f"got {synthetic_samples} and {synthetic_classes}")
     # The test split gets its own draw, so evaluating on it is not evaluating on training data.
     return SyntheticImages(synthetic_samples, shape, synthetic_classes, _mix(seed, int(train)))

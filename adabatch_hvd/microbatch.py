@@ -17,13 +17,15 @@ from __future__ import annotations
 import statistics
 
 from .errors import UserError
+from .schedule import _divisors
 
 
 def candidates(per_worker: int, below: int | None = None, count: int = 4) -> list:
-    """Divisors of `per_worker` to try, largest first: each at most half the one before, all under `below`."""
+    """Divisors of `per_worker` to try, largest first: each at most half the one before, all under `below`.
+    Found in at most 2^20 steps for any batch up to schedule.MAX_BATCH (2^40), not by counting down."""
     out = []
-    for d in range(per_worker, 0, -1):
-        if per_worker % d == 0 and (below is None or d < below) and (not out or 2 * d <= out[-1]):
+    for d in _divisors(per_worker, per_worker if below is None else below - 1):
+        if not out or 2 * d <= out[-1]:
             out.append(d)
             if len(out) == count:
                 break

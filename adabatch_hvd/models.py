@@ -13,9 +13,20 @@ from .data import DatasetInfo
 from .errors import UserError, suggest
 
 MODELS = ("fmnist_cnn", "mlp", "resnet20", "resnet32", "resnet56", "vgg19_bn", "alexnet")
+# fmnist_cnn and mlp grow with the image area, which comes from a data file's header or synthetic_shape
+# (the others pool adaptively): 2^30 weights in one layer are 4 GiB of float32.
+MAX_LAYER_WEIGHTS = 1 << 30
 
 # torchvision's configuration "E": channel counts, with "M" for a 2x2 max-pool.
 _VGG19 = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"]
+
+
+def _check_layer(name: str, info: DatasetInfo, weights: int) -> None:
+    """Refuse a first linear layer of more than MAX_LAYER_WEIGHTS weights before it is allocated."""
+    if weights > MAX_LAYER_WEIGHTS:
+        raise UserError(f"{name} on {info.in_channels}x{info.image_size}x{info.image_size} images would have a "
+                        f"layer of {weights:,} weights, more than the limit of {MAX_LAYER_WEIGHTS:,}; use smaller "
+                        f"images or another model")
 
 
 class FashionCNN(nn.Module):
@@ -30,6 +41,7 @@ class FashionCNN(nn.Module):
         side = info.image_size // 4  # two 2x2 pools; the padded convs keep the size
         if side < 1:
             raise UserError(f"fmnist_cnn needs images of at least 4x4, got {info.image_size}")
+        _check_layer("fmnist_cnn", info, 32 * side * side * 128)
         # Measured on augmented Fashion-MNIST: 16/32 padded channels train faster per core-second
         # and reach a higher accuracy by epoch 3-4 than 32/64 unpadded ones. Pooling before the
         # ReLU gives the same result on 4x fewer elements.
@@ -47,6 +59,7 @@ class FashionCNN(nn.Module):
 
 def mlp(info: DatasetInfo) -> nn.Module:
     """A tiny BatchNorm-free MLP (flatten, 64 hidden units) for fast, exact parity tests."""
+    _check_layer("mlp", info, info.in_channels * info.image_size ** 2 * 64)
     return nn.Sequential(
         nn.Flatten(), nn.Linear(info.in_channels * info.image_size ** 2, 64), nn.ReLU(inplace=True),
         nn.Linear(64, info.num_classes),

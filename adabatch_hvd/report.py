@@ -34,10 +34,10 @@ def read_run(run_dir: Path) -> list:
 
 
 def label(run_dir: Path) -> str:
-    import yaml
+    from .config import load_yaml
 
     try:
-        mode = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())["schedule"]["mode"]
+        mode = load_yaml(Path(run_dir) / "config.yaml")["schedule"]["mode"]  # bounded in size and aliases
     except Exception:  # noqa: BLE001 - no readable config: the name alone
         mode = ""
     return f"{Path(run_dir).name} ({mode})" if isinstance(mode, str) and mode else Path(run_dir).name
@@ -70,6 +70,7 @@ def plot(run_dirs, out: Path) -> Path:
         raise UserError(f"cannot write a '{out.suffix}' image ({out}); use one of "
                         f"{', '.join('.' + f for f in sorted(formats))}")
     for run_dir, records in runs:
+        name = label(run_dir)
         epochs = [r["epoch"] + 1 for r in records]
         wall, t = [], 0.0
         for r in records:
@@ -78,8 +79,8 @@ def plot(run_dirs, out: Path) -> Path:
             wall.append(t)
         for col, (key, title) in enumerate(PANELS):
             ys = [_number(r.get(key)) for r in records]
-            axes[0][col].plot(epochs, ys, marker="o", ms=3, label=label(run_dir))
-            axes[1][col].plot(wall, ys, marker="o", ms=3, label=label(run_dir))
+            axes[0][col].plot(epochs, ys, marker="o", ms=3, label=name)
+            axes[1][col].plot(wall, ys, marker="o", ms=3, label=name)
             axes[0][col].set_title(title)
             axes[0][col].set_xlabel("epoch")
             axes[1][col].set_xlabel("training wall time (s)")

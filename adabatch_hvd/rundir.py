@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .atomic import atomic_write
 from .errors import DiskFull, UserError
+from .limits import MAX_METRICS_BYTES, read_limited
 from .runlock import RunLock
 
 log = logging.getLogger(__name__)
@@ -48,10 +49,7 @@ class Contents:
         ckpts = Path(run_dir) / CHECKPOINTS
         bad = sorted(n for n in os.listdir(ckpts) if ".pt.bad" in n) if ckpts.is_dir() else []
         metrics = Path(run_dir) / METRICS
-        lines = 0
-        if metrics.is_file():
-            with open(metrics, "rb") as f:
-                lines = sum(1 for line in f if line.strip())
+        lines = sum(1 for line in _metrics_text(metrics).splitlines() if line.strip()) if metrics.is_file() else 0
         return cls([r["epoch"] for r in read_metrics(metrics)], lines,
                    [p.name for p in checkpoint.list_checkpoints(ckpts)], bad)
 
@@ -236,7 +234,7 @@ def read_metrics(path: Path) -> list:
     """The records of a metrics.jsonl; a line that is not a JSON record with an integer epoch (a
     crash mid-write leaves a truncated last line) is skipped with a warning."""
     try:
-        lines = Path(path).read_bytes().decode("utf-8", errors="replace").splitlines()
+        lines = _metrics_text(path).splitlines()
     except FileNotFoundError:
         return []
     records = []
@@ -254,6 +252,11 @@ def read_metrics(path: Path) -> list:
     return records
 
 
+def _metrics_text(path: Path) -> str:
+    return read_limited(path, MAX_METRICS_BYTES, "metrics file", "far more than a run's epoch records; is it a run "
+                        "dir's metrics.jsonl?").decode("utf-8", errors="replace")
+
+
 def truncate_metrics(path: Path, epoch: int) -> None:
     """Keep the records of epochs before `epoch` (a crash can land between an epoch's record and its
     checkpoint, or in the middle of a line), so the resumed run appends each epoch exactly once."""
@@ -261,7 +264,7 @@ def truncate_metrics(path: Path, epoch: int) -> None:
         return
     keep = [r for r in read_metrics(path) if r["epoch"] < epoch]
     text = "".join(json.dumps(r) + "\n" for r in keep)
-    if text != path.read_text(errors="replace"):
+    if text != _metrics_text(path):
         atomic_write(path, lambda f: f.write(text.encode()))
 
 
@@ -269,8 +272,13 @@ def truncate_metrics(path: Path, epoch: int) -> None:
 def write_config(run_dir: Path, text: str, changes: dict, at: dict) -> None:
     """Write config.yaml (when it differs) and, for a resume that changed something, a history record."""
     path = run_dir / CONFIG
-    if not path.exists() or path.read_text(errors="replace") != text:
-        atomic_write(path, lambda f: f.write(text.encode()))
+    data = text.encode()
+    same = False
+    if path.exists():
+        with open(path, "rb") as f:
+            same = f.read(len(data) + 1) == data
+    if not same:
+        atomic_write(path, lambda f: f.write(data))
     if changes:
         record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **at,
                   "changes": {k: {"from": a, "to": b} for k, (a, b) in changes.items()}}

@@ -238,7 +238,7 @@ def _too_big(epoch, stage) -> UserError:
 
 
 def parse_stages(spec) -> Tuple[Tuple[int, int], ...]:
-    """'0:128,20:256' or ['0:128', '20:256'] -> ((0, 128), (20, 256))."""
+    """'0:128,20:256' or ['0:128', '20:256'] -> ((0, 128), (20, 256)), numbers below 2^63."""
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     out = []
     for item in items:
@@ -247,7 +247,12 @@ def parse_stages(spec) -> Tuple[Tuple[int, int], ...]:
             continue
         try:
             e, b = item.split(":")
-            out.append((int(e), int(b)))
+            e, b = int(e), int(b)
+            if max(abs(e), abs(b)) >= 2**63:
+                raise ValueError
+            out.append((e, b))
         except ValueError:
-            raise UserError(f"bad stage {item!r}: write stages as epoch:global_batch, e.g. 0:128,20:256") from None
+            shown = repr(item if len(item) <= 40 else item[:37] + "...")
+            raise UserError(f"bad stage {shown}: write stages as epoch:global_batch (numbers below 2^63), e.g. "
+                            f"0:128,20:256") from None
     return tuple(out)

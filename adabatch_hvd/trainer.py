@@ -260,19 +260,18 @@ class Trainer:
     # ---- the loop --------------------------------------------------------------------------
     def fit(self) -> None:
         """Train to the end of the schedule (or run.stop_after_steps)."""
+        failed = True
         try:
             if self.elastic is not None:
                 dist.run_elastic(self._fit, self.elastic)
             else:
                 self.sync()
                 self._fit()
+            failed = False
         finally:
             self._close_files()
-
-    def release(self, undo: bool = False) -> None:
-        """Give the run dir back (rank 0); `undo`: remove what this start added (it failed before saving)."""
-        if self.hold is not None and self.main:
-            self.hold.release(undo)
+            if self.hold is not None and self.main:  # a start that failed before its first step leaves nothing
+                self.hold.release(undo=failed and not self.trained)
 
     def _fit(self, _elastic_state=None) -> None:
         """The loop; in elastic runs it is entered again after every reset, from the synced state."""

@@ -2,8 +2,12 @@
 
 import hashlib
 import json
+import os
+import re
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -104,9 +108,8 @@ def test_resume_of_a_finished_run_with_no_more_epochs_is_a_no_op(finished):
     proc = train("--epochs", "2", "--run-dir", finished, "--resume")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "nothing to train: the checkpoint is at the end of epoch 1 and --epochs is 2" in proc.stderr
-    records = {k: v for k, v in files(finished).items() if k != "train.log" and not k.startswith("tb/")}
-    assert records == {k: v for k, v in before.items() if k != "train.log" and not k.startswith("tb/")}
-    assert "config-history.jsonl" not in records  # config.yaml, metrics and checkpoints are as they were
+    assert files(finished) == before  # train.log, tb/, config.yaml, metrics and checkpoints as they were
+    assert not (finished / ".lock").exists()
 
 
 def test_safe_changes_are_logged_and_kept_in_the_history(tmp_path, finished):
@@ -224,3 +227,191 @@ def test_tensorboard_per_step_on_samples_seen_survives_a_resume(tmp_path):
     assert [s for s, _ in steps["step/train_loss"]] == expected
     assert steps["elastic/world_size"] == [(0, 1), (64, 1)]  # the resumed start: 1 epoch of 64 samples seen
     assert [s for s, _ in scalars(run / "tb")["train/loss"]] == [0, 1, 2]
+
+
+# ---- no start mode destroys a run; one job per run dir; problems found before the first step ---------------
+def test_no_start_mode_starts_over_a_run_without_a_checkpoint(tmp_path, finished):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    shutil.rmtree(run / "checkpoints")
+    before = files(run)
+    message = (f"run dir {run} holds a run that cannot be continued (records of epochs 0-1 in metrics.jsonl; no "
+               f"usable checkpoint); to keep it, choose a new --run-dir; to start over in it, move its files away first")
+    for mode in ([], ["--resume"], ["--resume", "auto"], ["--resume", "auto", "--model", "fmnist_cnn"]):
+        assert error_line(train("--epochs", "2", "--run-dir", run, *mode)) == f"adabatch-train: error: {message}"
+        assert files(run) == before
+
+
+def test_corrupt_checkpoints_are_refused_by_every_mode_and_every_time(tmp_path, finished):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    for ckpt in (run / "checkpoints").glob("*.pt"):
+        ckpt.write_bytes(b"garbage")
+    records = (run / "metrics.jsonl").read_bytes(), (run / "config.yaml").read_bytes()
+    before = files(run)
+    plain = error_line(train("--epochs", "2", "--run-dir", run))
+    assert "holds a run that cannot be continued" in plain and files(run) == before  # a plain start renames nothing
+    for attempt in range(2):  # what a requeued job does: the same command again
+        line = error_line(train("--epochs", "2", "--run-dir", run, "--resume", "auto"), alone=False)
+        assert "holds a run that cannot be continued (records of epochs 0-1 in metrics.jsonl, 2 unusable " \
+               "checkpoint(s) set aside as *.bad; no usable checkpoint)" in line, line
+        assert ((run / "metrics.jsonl").read_bytes(), (run / "config.yaml").read_bytes()) == records
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "ckpt-e0001-s000000004.pt.bad", "ckpt-e0002-s000000008.pt.bad", "index.json"]
+
+
+def test_resume_auto_starts_a_new_run_dir_and_one_that_saved_nothing(tmp_path):
+    run = tmp_path / "run"
+    first = train("--epochs", "1", "--run-dir", run, "--resume", "auto")
+    assert first.returncode == 0 and "resuming" not in first.stderr, first.stderr[-3000:]
+    for name in ("metrics.jsonl", "checkpoints"):  # what a start killed in its first epoch leaves
+        shutil_rm(run / name)
+    again = train("--epochs", "1", "--run-dir", run, "--resume", "auto")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "holds a start that saved nothing (no epoch record, no checkpoint): starting it over" in again.stderr
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [0]
+
+
+def shutil_rm(path):
+    import shutil
+
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def test_a_file_in_the_run_dirs_way_is_found_before_the_first_step(tmp_path):
+    for name, kind, message in [("checkpoints", "file", "holds a file {} where a directory goes"),
+                                ("tb/steps", "file", "holds a file {} where a directory goes"),
+                                ("metrics.jsonl", "dir", "holds {}, which is not a regular file")]:
+        run = tmp_path / name.replace("/", "-") / "run"
+        (run / name).parent.mkdir(parents=True)
+        (run / name).mkdir() if kind == "dir" else (run / name).write_text("")
+        before = files(run)
+        proc = train("--epochs", "1", "--run-dir", run)
+        assert message.format(run / name) in error_line(proc), proc.stderr
+        assert files(run) == before and sorted(p.name for p in run.iterdir()) == [name.split("/")[0]]
+
+
+def test_a_cut_record_is_restored_from_the_checkpoint(tmp_path, finished):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    whole = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text(whole[0] + "\n" + whole[1][: len(whole[1]) // 2])  # a crash mid-write
+    proc = train("--epochs", "3", "--run-dir", run, "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "lacked the record of epoch 1: restored it from checkpoint" in proc.stderr
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert lines[:2] == whole and json.loads(lines[2])["epoch"] == 2
+
+
+def test_a_stop_signal_as_soon_as_the_process_starts_stops_at_the_first_step(tmp_path):
+    """The handlers are the first thing adabatch-train installs: SIGUSR1 the moment they are in place (seen
+    in /proc) reaches a process that has not imported torch yet, and stops the run at its first step."""
+    import signal
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "adabatch_hvd", *TINY, "--epochs", "2", "--run-dir", run], cwd=ROOT,
+                            env=hvd_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    usr1 = 1 << (signal.SIGUSR1 - 1)
+    while True:
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        caught = int(next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1], 16)
+        if caught & usr1:
+            torch_loaded = "libtorch" in Path(f"/proc/{proc.pid}/maps").read_text()
+            proc.send_signal(signal.SIGUSR1)
+            break
+    out, err = proc.communicate(timeout=300)
+    assert not torch_loaded
+    assert proc.returncode == 75, err[-3000:]
+    assert "stopped on request (SIGUSR1)" in err and "Traceback" not in err
+    assert [p.name for p in (run / "checkpoints").glob("*.pt")] == ["ckpt-e0000-s000000001.pt"]
+
+
+# ---- the run dir's lock --------------------------------------------------------------------------------------
+def test_a_second_job_on_a_run_dir_is_refused_and_a_killed_ones_lock_is_taken_over(tmp_path):
+    import signal
+
+    run = tmp_path / "run"
+    long = ["--synthetic-samples", "20000", "--epochs", "1000", "--max-batch", "16", "--every-steps", "200",
+            "--threads", "1"]
+    first = subprocess.Popen([sys.executable, "-m", "adabatch_hvd", *TINY, *long, "--run-dir", run], cwd=ROOT,
+                             env=hvd_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        end = time.monotonic() + 120
+        while not list((run / "checkpoints").glob("*.pt")) and time.monotonic() < end and first.poll() is None:
+            time.sleep(0.1)
+        assert first.poll() is None, first.communicate()[1][-3000:]
+        config_yaml = (run / "config.yaml").read_text()
+        for mode in ([], ["--resume", "auto"], ["--lr", "0.1"]):
+            line = error_line(train(*long, "--run-dir", run, *mode))
+            assert re.fullmatch(rf"adabatch-train: error: run dir {run} is in use by another job \(host "
+                                rf"{re.escape(socket.gethostname())}, pid {first.pid}, since \S+\); wait for it to "
+                                rf"end, or choose another --run-dir .*", line), line
+        assert (run / "config.yaml").read_text() == config_yaml
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.communicate()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == list(range(len(records))) and records[0]["lr"] == 0.05
+    resumed = train(*long, "--run-dir", run, "--resume", "auto", "--stop-after-steps", "1")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"took over the lock of host {socket.gethostname()}, pid {first.pid}" in resumed.stderr
+    assert f"its process {first.pid} on this host is gone" in resumed.stderr
+    assert not (run / ".lock").exists()
+
+
+def lock_file(run, **holder):
+    run.mkdir(parents=True, exist_ok=True)
+    (run / ".lock").write_text(json.dumps({"host": "node-elsewhere", "boot_id": "x", "pid": 1, "start_time": 1,
+                                           "since": "2026-01-01T00:00:00+0000", "token": "other", **holder}))
+
+
+def test_a_lock_from_another_host_is_stale_only_when_its_heartbeat_stops(tmp_path, monkeypatch):
+    import threading
+
+    from adabatch_hvd import runlock
+
+    monkeypatch.setattr(runlock, "STALE", 1.5)
+    lock_file(tmp_path)  # its heartbeat moves: the holder lives, however old its start
+    beating = threading.Event()
+
+    def beat():
+        while not beating.wait(0.2):
+            os.utime(tmp_path / ".lock")
+
+    thread = threading.Thread(target=beat)
+    thread.start()
+    try:
+        with pytest.raises(UserError, match=r"is in use by another job \(host node-elsewhere, pid 1, since 2026"):
+            runlock.RunLock(tmp_path, "mine").acquire()
+    finally:
+        beating.set()
+        thread.join()
+    stale = time.time() - 60
+    os.utime(tmp_path / ".lock", (stale, stale))  # a dead host's lock: taken over
+    lock = runlock.RunLock(tmp_path, "mine")
+    lock.acquire()
+    assert lock.holds() and json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_the_same_job_takes_its_lock_over_and_a_lost_race_is_retried(tmp_path):
+    from adabatch_hvd import runlock
+
+    lock_file(tmp_path, token="job")  # an elastic job's rank 0 moved to this process
+    lock = runlock.RunLock(tmp_path, "job")
+    lock.acquire()
+    assert lock.holds()
+    other = runlock.RunLock(tmp_path, "other")
+    with pytest.raises(UserError, match=f"pid {os.getpid()}"):  # a live holder on this host: refused at once
+        other.acquire()
+    lock.release()
+    other.acquire()
+    assert other.holds() and not lock.holds()
+    other.release()
