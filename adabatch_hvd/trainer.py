@@ -182,13 +182,15 @@ class Trainer:
                                resumed=bool(self.cfg.run.resume))
 
     def _close_files(self) -> None:
-        if self.monitor is not None:
-            self.monitor.close()
-            self.monitor = None
-        if self.log_file is not None:
-            logging.getLogger("adabatch_hvd").removeHandler(self.log_file)
-            self.log_file.close()
-            self.log_file = None
+        monitor, self.monitor = self.monitor, None
+        try:
+            if monitor is not None:
+                monitor.close()  # may raise (a full disk): the log file is closed all the same
+        finally:
+            if self.log_file is not None:
+                logging.getLogger("adabatch_hvd").removeHandler(self.log_file)
+                self.log_file.close()
+                self.log_file = None
 
     def sync(self) -> None:
         """The collectives of a start: agree on the run dir and load the resume point (a fresh job
@@ -269,9 +271,11 @@ class Trainer:
                 self._fit()
             failed = False
         finally:
-            self._close_files()
-            if self.hold is not None and self.main:  # a start that failed before its first step leaves nothing
-                self.hold.release(undo=failed and not self.trained)
+            try:
+                self._close_files()  # may fail again on a full disk
+            finally:
+                if self.hold is not None and self.main:  # a start that failed before its first step leaves nothing
+                    self.hold.release(undo=failed and not self.trained)
 
     def _fit(self, _elastic_state=None) -> None:
         """The loop; in elastic runs it is entered again after every reset, from the synced state."""

@@ -415,3 +415,31 @@ def test_the_same_job_takes_its_lock_over_and_a_lost_race_is_retried(tmp_path):
     other.acquire()
     assert other.holds() and not lock.holds()
     other.release()
+
+
+def test_a_full_disk_is_one_line_and_exit_4_with_the_last_checkpoint_kept(tmp_path):
+    """The disk fills while the run writes TensorBoard events and checkpoints: one line, exit 4, no traceback
+    from TensorBoard's writer thread, and the checkpoint written before is intact."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", disk], capture_output=True, text=True)
+    assert mounted.returncode == 0, f"needs root to mount a small tmpfs: {mounted.stderr}"
+    try:
+        run = disk / "run"
+        proc = subprocess.Popen([sys.executable, "-m", "adabatch_hvd", *TINY, "--synthetic-samples", "20000",
+                                 "--synthetic-shape", "1,16,16", "--epochs", "4", "--every-steps", "50",
+                                 "--log-every-steps", "1", "--threads", "1", "--run-dir", run], cwd=ROOT,
+                                env=hvd_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        while not (run / "checkpoints" / "index.json").exists() and proc.poll() is None:
+            time.sleep(0.02)
+        subprocess.run(["dd", "if=/dev/zero", f"of={disk / 'filler'}", "bs=1k"], capture_output=True)
+        _, err = proc.communicate(timeout=300)
+        line = error_line(subprocess.CompletedProcess(proc.args, proc.returncode, "", err), code=4, alone=False)
+        assert line.startswith("adabatch-train: error: no space left on device tmpfs (mounted on "), line
+        assert "Traceback" not in err and "Exception in thread" not in err, err[-3000:]
+        from adabatch_hvd import checkpoint
+
+        assert checkpoint.first_usable(run / "checkpoints") is not None
+        assert not (run / ".lock").exists()
+    finally:
+        subprocess.run(["umount", "-l", disk])
