@@ -1,8 +1,13 @@
+import re
+
 from setuptools import find_packages, setup
+
+# The version is defined once, in adabatch_hvd/__init__.py.
+VERSION = re.search(r'__version__ = "([^"]+)"', open("adabatch_hvd/__init__.py").read()).group(1)
 
 setup(
     name="adabatch-hvd",
-    version="0.1.0",
+    version=VERSION,
     description="AdaBatch adaptive batch sizes (arXiv 1712.02029) on Horovod allreduce",
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",

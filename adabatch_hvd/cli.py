@@ -16,7 +16,8 @@ import sys
 import threading
 
 from . import config, sampler, signals
-from .errors import EXIT_STOPPED, DiskFull, OneLineParser, UserError, print_error
+from .errors import (EXIT_DISK_FULL, EXIT_INTERRUPTED, EXIT_LOST_PEERS, EXIT_NON_FINITE, EXIT_STOPPED, EXIT_USER,
+                     DiskFull, NonFiniteLoss, OneLineParser, UserError, print_error)
 
 # Training-set sizes, so that adabatch-plan works without the data on disk.
 TRAIN_SIZES = {"fashion-mnist": 60000, "cifar10": 50000, "cifar100": 50000, "imagenet": 1281167}
@@ -62,21 +63,25 @@ def train_main(argv=None) -> int:
         cfg = config.from_args(args.config, _overrides(args))
         config.build_schedule(cfg)  # schedule errors before Horovod starts
         from . import dist
-        from .trainer import NonFiniteLoss
 
-        dist.init(cfg.run.threads, cfg.comm.horovod_env())
+        threads = dist.init(cfg.run.threads, cfg.comm.horovod_env())
         me = dist.rank()  # (Horovod may be shut down when it is needed below)
         _setup_logging(dist.rank)
+        if dist.local_rank() == 0:  # once per host
+            log = logging.getLogger("adabatch_hvd.dist")
+            if threads.warning:
+                log.warning(threads.warning)
+            log.info("torch threads per rank: %d (%s)", threads.count, threads.source)
         try:
             trainer = _train(cfg)
         except NonFiniteLoss as e:
             print_error(prog, e)
-            return 3
+            return EXIT_NON_FINITE
         except dist.HorovodInternalError as e:  # not elastic: a rank or host was lost
-            print(f"{prog}: error: rank {me} lost its peers ({_first_sentence(e)}); the job "
-                  f"ends, and the same command with --resume auto continues from the last checkpoint",
+            print(f"{prog}: error: rank {me} lost its peers ({_first_sentence(e)}); the job ends, and the same "
+                  f"command with --resume auto continues from the last checkpoint written, if there is one",
                   file=sys.stderr)
-            return 1
+            return EXIT_LOST_PEERS
         if trainer.stop.agreed:
             if dist.is_main():
                 print(f"{prog}: stopped on request ({trainer.stop.received or 'a signal to another rank'}) with "
@@ -85,16 +90,16 @@ def train_main(argv=None) -> int:
             return EXIT_STOPPED
     except UserError as e:
         print_error(prog, e)
-        return 2
+        return EXIT_USER
     except OSError as e:
         if not isinstance(e, DiskFull) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         full = e if isinstance(e, DiskFull) else DiskFull(e.filename or (cfg.run.run_dir if cfg else "."))
         print_error(prog, full)
-        return 4
+        return EXIT_DISK_FULL
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     return 0
 
 
@@ -166,7 +171,7 @@ def plan_main(argv=None) -> int:
         print(plan_table(cfg, args.world_size, n))
     except UserError as e:
         print_error("adabatch-plan", e)
-        return 2
+        return EXIT_USER
     return 0
 
 

@@ -172,7 +172,8 @@ class RunConfig:
 
     run_dir: str = _f("runs/default", "output dir: metrics.jsonl, config.yaml, checkpoints/, tb/")
     seed: int = _f(0, "random seed (model init, data order, augmentation)")
-    threads: int = _f(0, "torch CPU threads per rank (0 = cores / local ranks)")
+    threads: int = _f(0, "torch CPU threads per rank (0 = OMP_NUM_THREADS if set, else the usable cores: CPU "
+                         "affinity and cgroup quota / local ranks)")
     device: str = _f("auto", "auto (cuda:local_rank when available), cpu, or cuda (also written gpu)")
     quiet: bool = _f(False, "no progress bar")
     resume: Optional[str] = _f(None, "checkpoint to resume from: a path, 'latest' (also true) for RUN_DIR's "
@@ -194,7 +195,8 @@ class RunConfig:
         if not 0 <= self.seed < 2**32:
             raise UserError(f"run.seed must be in 0..2^32-1, got {self.seed}")
         if not 0 <= self.threads <= MAX_THREADS:
-            raise UserError(f"run.threads must be in 0..{MAX_THREADS} (0 = cores / local ranks), got {self.threads}")
+            raise UserError(f"run.threads must be in 0..{MAX_THREADS} (0 = OMP_NUM_THREADS, else usable cores / "
+                            f"local ranks), got {self.threads}")
         self.device = {"gpu": "cuda"}.get(self.device.strip().lower(), self.device.strip().lower())
         if self.device not in DEVICES:
             raise UserError(f"unknown run.device {self.device!r}{suggest(self.device, DEVICES)}; "

@@ -9,22 +9,25 @@ import torch
 from horovod.common.elastic import State
 from horovod.common.exceptions import HorovodInternalError, HostsUpdatedInterrupt
 
+from .threads import Choice as ThreadChoice, choose as choose_threads
+
 # What a live resize raises inside hvd.elastic.run: a lost worker, or hosts added/removed.
 ELASTIC_INTERRUPTS = (HorovodInternalError, HostsUpdatedInterrupt)
 
-def init(threads: int = 0, horovod_env: dict | None = None) -> None:
+
+def init(threads: int = 0, horovod_env: dict | None = None) -> ThreadChoice:
     """Start Horovod and size torch's CPU threads so that local ranks don't oversubscribe cores.
 
-    threads=0 means cores / local ranks (Horovod's CPU examples use 1 thread per rank; N ranks
-    each using every core thrash on a small machine). `horovod_env` (HOROVOD_* tuning variables,
-    see CommConfig.horovod_env) goes into the environment first: Horovod's core reads it in init().
+    The count is `threads` (run.threads) if > 0, else OMP_NUM_THREADS, else the usable cores (affinity
+    and cgroup CPU quota) / local ranks: see threads.choose. Returned for the caller to log, since
+    logging is set up after this. `horovod_env` (HOROVOD_* tuning variables, see
+    CommConfig.horovod_env) goes into the environment first: Horovod's core reads it in init().
     """
     os.environ.update(horovod_env or {})
     hvd.init()
-    if threads <= 0:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        threads = max(1, cores // hvd.local_size())
-    torch.set_num_threads(threads)
+    choice = choose_threads(threads, hvd.local_size())
+    torch.set_num_threads(choice.count)
+    return choice
 
 
 def rank() -> int:

@@ -9,13 +9,23 @@ import difflib
 import os
 import sys
 
-# The exit code of a run stopped on request (SIGTERM, SIGUSR1; see signals.py) after writing a
-# checkpoint: sysexits' EX_TEMPFAIL, "try again later". The same command with --resume auto continues.
+# Exit codes of adabatch-train (the launchers pass them on; README "Exit codes").
+EXIT_LOST_PEERS = 1  # a rank lost its peers outside elastic mode; --resume auto continues
+EXIT_USER = 2  # a mistake in the input (UserError); nothing was changed
+EXIT_NON_FINITE = 3  # the loss or weights became NaN/Inf; the last good checkpoint is kept
+EXIT_DISK_FULL = 4  # DiskFull; the last checkpoint is kept
+# A run stopped on request (SIGTERM, SIGUSR1; see signals.py) after writing a checkpoint: sysexits'
+# EX_TEMPFAIL, "try again later". The same command with --resume auto continues.
 EXIT_STOPPED = 75
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT) to adabatch-train itself
 
 
 class UserError(ValueError):
     """A problem with the user's input; the message says what is wrong and how to fix it."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss (or the weights) became NaN or Inf; the last good checkpoint is kept."""
 
 
 class DiskFull(OSError):

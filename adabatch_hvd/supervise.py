@@ -9,13 +9,17 @@ job cleanly, nothing of it is left running, and a failed rank ends in one line w
   optimizer step, with a checkpoint (signals.py). Where none is found yet (still starting up, or srun's
   tasks, which Slurm starts), the command itself gets SIGUSR1; mpirun and srun pass it on to the ranks.
 - A second signal, or ADABATCH_STOP_GRACE seconds (default 120) without the job ending, kills it:
-  SIGTERM to the command's session, then SIGKILL to whatever of the job is left 15 s later.
+  SIGTERM to the command's session, then SIGKILL to whatever of the job is left 15 s later. A signal
+  within a second of the first is the same request delivered twice, and changes nothing: a Ctrl-C
+  reaches the whole process group, and a wrapper in it (timeout, for one) passes it on again.
 - What of the job still runs on this host when the command has ended is killed (mpirun and its ranks
   outlive `horovodrun --mpi` when it is killed, for instance).
 - horovodrun's traceback and mpirun's banners about a rank that exited non-zero become one line.
 
-Exit code: 128 + the signal's number after a signal (130 for Ctrl-C), else the failed rank's code
-(2: bad input, 3: NaN loss, 75: stopped with a checkpoint), else the command's.
+Exit code, after a signal: 75 when the ranks stopped with a checkpoint (a rank's code 75, which it
+returns only once the checkpoint is written), 0 when the job had finished anyway, else 128 + the
+signal's number (130 for Ctrl-C). Without one: the failed rank's code (2: bad input, 3: NaN loss,
+75: stopped with a checkpoint), else the command's.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from .errors import EXIT_STOPPED
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
 RANK_VARS = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK")
 KILL_AFTER = 15.0  # seconds from the session's SIGTERM to SIGKILL
+REPEAT_WINDOW = 1.0  # seconds after the first signal in which another is the same request delivered twice
 
 
 def job_processes(root: int) -> list:
@@ -89,7 +94,7 @@ def _signal_all(procs, sig) -> None:
 
 class Filter:
     """Passes the command's stderr on, except horovodrun's traceback and mpirun's banners about a rank
-    that exited non-zero; remembers that rank and its exit code instead."""
+    that exited non-zero; remembers that rank and its exit code instead (and srun's, from its line)."""
 
     GLOO = "Horovod detected that one or more processes exited with non-zero status"
     MPI = ("exited with non-zero status", "Primary job  terminated normally", "mpirun noticed that process",
@@ -102,6 +107,7 @@ class Filter:
     def feed(self, line: str) -> None:
         bare = line.rstrip("\n")
         if self.kind is None:
+            self._srun_report(bare)
             if bare == "Traceback (most recent call last):":
                 self.kind, self.block = "traceback", [line]
             elif re.fullmatch(r"-{20,}", bare):
@@ -135,6 +141,12 @@ class Filter:
             self.rank, self.code = m.group(1), int(m.group(2))
         return bool(m) or bare.startswith("Terminating remaining workers after failure of Process")
 
+    def _srun_report(self, bare: str) -> None:
+        """srun's "srun: error: node1: task 1: Exited with exit code 75" (passed on as it is)."""
+        m = re.fullmatch(r"srun: error: \S+: tasks? ([\d,-]+): Exited with exit code (\d+)", bare)
+        if m and self.code is None:
+            self.rank, self.code = m.group(1), int(m.group(2))
+
     def _details(self, bare: str) -> bool:
         m = re.match(r"\s*(Process name|Exit code):\s*(.*)", bare)
         if not m:
@@ -161,7 +173,7 @@ class Filter:
 class Supervisor:
     def __init__(self, name: str, cmd: list):
         self.name, self.cmd = name, cmd
-        self.stop_signal = None
+        self.stop_signal = self.signalled_at = None
         self.deadline = None  # when to escalate: the grace period, then the kill
         self.killing = False  # signal handlers and the wait loop both run in the main thread: no lock
 
@@ -199,18 +211,36 @@ class Supervisor:
                      f"{', '.join(sorted({_name(p) for p in left}))}")
         rc = 128 - rc if rc < 0 else rc
         if self.stop_signal is not None:
-            if rc == 0:
-                how = "the job had finished"
-            elif filt.code == EXIT_STOPPED and not self.killing:
-                how = "every rank stopped at the same step, with a checkpoint"
-            else:
-                how = "the job was killed; its last checkpoint is kept"
-            self.say(f"stopped by {self.stop_signal.name}: {how}; the same command with --resume auto continues")
-            return 128 + self.stop_signal
+            return self._stopped(rc, filt)
         if filt.code is not None and rc != 0:
             self.say(f"rank {filt.rank} exited with code {filt.code}")
             return filt.code
         return rc
+
+    def _stopped(self, rc: int, filt: Filter) -> int:
+        """The line and exit code after a stop signal, from what the ranks did rather than what was asked.
+
+        A rank exits 75 only after the stop's checkpoint is written and every rank has passed the
+        barrier behind it, so one rank's 75 (horovodrun's report, or mpirun's and srun's own exit
+        code) means every rank stopped there, even if a repeated signal killed the rest afterwards.
+        """
+        name = self.stop_signal.name
+        if EXIT_STOPPED in (filt.code, rc):
+            self.say(f"stopped by {name}: every rank stopped at the same step, with a checkpoint; the same "
+                     f"command with --resume auto continues")
+            return EXIT_STOPPED
+        if rc == 0:
+            self.say(f"{name} came as the job finished: nothing was stopped")
+            return 0
+        if self.killing:
+            how = "the job was killed before its ranks stopped"
+        elif filt.code is not None:
+            how = f"rank {filt.rank} exited with code {filt.code} before the ranks stopped together"
+        else:
+            how = f"the job ended with code {rc} before its ranks stopped together"
+        self.say(f"stopped by {name}: {how}; the same command with --resume auto continues from the last "
+                 f"checkpoint written, if there is one")
+        return 128 + self.stop_signal
 
     def _pump(self, filt: Filter) -> None:
         for raw in iter(self.proc.stderr.readline, b""):
@@ -219,9 +249,10 @@ class Supervisor:
 
     def _on_signal(self, signum, frame) -> None:
         if self.stop_signal is not None:
-            self._kill()
+            if time.monotonic() - self.signalled_at >= REPEAT_WINDOW:
+                self._kill()
             return
-        self.stop_signal = signal.Signals(signum)
+        self.stop_signal, self.signalled_at = signal.Signals(signum), time.monotonic()
         name = self.stop_signal.name
         ranks = training_processes(self.proc.pid)
         if ranks:

@@ -23,17 +23,13 @@ from . import checkpoint, dist, rundir, runlock, sampler
 from .accumulation import Accumulator
 from .config import Config, build_schedule, dump_yaml, resume_changes, to_dict
 from .data import build_dataset
-from .errors import UserError
+from .errors import NonFiniteLoss, UserError
 from .microbatch import MicroBatchTuner
 from .models import build_model, has_batchnorm
 from .monitor import Monitor
 from .signals import StopRequest
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteLoss(RuntimeError):
-    """The training loss became NaN or Inf; the last good checkpoint is kept."""
 
 
 def pick_device(choice: str) -> torch.device:

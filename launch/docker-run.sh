@@ -45,12 +45,17 @@ Options:
   --gpus SPEC         docker run --gpus SPEC (default: all when nvidia-smi lists a GPU,
                       otherwise none, the CPU image)
   --gloo | --mpi      Horovod controller (default gloo)
+  --threads T         torch threads per rank (OMP_NUM_THREADS in the containers; default: the
+                      trainer's, the container's usable cores, --cpus quota included, / its ranks)
   -v SRC:DST          an extra bind mount (repeatable); ./runs and ./data are always
                       mounted at /opt/adabatch-hvd/runs and /opt/adabatch-hvd/data
   -e VAR[=VALUE]      pass an environment variable (repeatable), e.g. -e NCCL_DEBUG=INFO
   --name NAME         container name (default adabatch-train / adabatch-worker)
   --dry-run           print the docker command, run nothing
   -h, --help          this text
+
+Everything is checked before anything is created or started (./runs, ./data, a container): a
+mistake, a mode not known or an option the mode has no use for is one line and exit code 2.
 
 Examples:
   launch/docker-run.sh -n 4 -- --config configs/cifar10_resnet20_adabatch.yaml --run-dir runs/c10
@@ -63,12 +68,17 @@ Examples:
 EOF
 }
 
-die() { echo "docker-run: $*" >&2; exit 2; }
+die() { echo "docker-run: error: $*" >&2; exit 2; }
 
+# Everything is checked before anything is created or started: a mistake is one line and exit code 2.
 mode=single
-case ${1:-} in
-  keys|worker|launch|single) mode=$1; shift ;;
-esac
+if [ $# -gt 0 ] && [[ $1 != -* ]]; then
+  case $1 in
+    keys|worker|launch|single) mode=$1; shift ;;
+    *) hint=$(suggest "$1" keys worker launch)
+       die "unknown mode '$1'${hint:- (the modes are keys, worker and launch; one node needs none)}" ;;
+  esac
+fi
 
 image=${ADABATCH_IMAGE:-adabatch-hvd:latest}
 np=""
@@ -78,35 +88,54 @@ ssh_dir=${ADABATCH_SSH_DIR:-$HOME/.ssh/adabatch-hvd}
 iface=""
 network=host
 gpus=""
+threads=""
 controller=gloo
 name=""
 dry_run=0
 mounts=()
 envs=()
 train_args=()
+given=()  # the options given, to check them against the mode
 need() { [ "$2" -ge 2 ] || die "$1 needs a value"; }
 while [ $# -gt 0 ]; do
   case $1 in
     -h|--help) usage; exit 0 ;;
-    -i|--image) need "$1" $#; image=$2; shift 2 ;;
-    -n|-np) need "$1" $#; np=$2; shift 2 ;;
-    -H|--hosts) need "$1" $#; hosts=$2; shift 2 ;;
-    -p|--port) need "$1" $#; port=$2; shift 2 ;;
-    -k|--ssh-dir) need "$1" $#; ssh_dir=$2; shift 2 ;;
-    --iface) need "$1" $#; iface=$2; shift 2 ;;
-    --network) need "$1" $#; network=$2; shift 2 ;;
-    --gpus) need "$1" $#; gpus=$2; shift 2 ;;
-    --gloo) controller=gloo; shift ;;
-    --mpi) controller=mpi; shift ;;
-    -v) need "$1" $#; mounts+=(-v "$2"); shift 2 ;;
-    -e) need "$1" $#; envs+=(-e "$2"); shift 2 ;;
-    --name) need "$1" $#; name=$2; shift 2 ;;
+    -i|--image) need "$1" $#; image=$2; given+=(-i); shift 2 ;;
+    -n|-np) need "$1" $#; np=$2; given+=(-n); shift 2 ;;
+    -H|--hosts) need "$1" $#; hosts=$2; given+=(-H); shift 2 ;;
+    -p|--port) need "$1" $#; port=$2; given+=(-p); shift 2 ;;
+    -k|--ssh-dir) need "$1" $#; ssh_dir=$2; given+=(-k); shift 2 ;;
+    --iface) need "$1" $#; iface=$2; given+=(--iface); shift 2 ;;
+    --network) need "$1" $#; network=$2; given+=(--network); shift 2 ;;
+    --gpus) need "$1" $#; gpus=$2; given+=(--gpus); shift 2 ;;
+    --gloo|--mpi) controller=${1#--}; given+=("$1"); shift ;;
+    --threads) need "$1" $#; threads=$2; given+=(--threads); shift 2 ;;
+    -v) need "$1" $#; mounts+=(-v "$2"); given+=(-v); shift 2 ;;
+    -e) need "$1" $#; envs+=(-e "$2"); given+=(-e); shift 2 ;;
+    --name) need "$1" $#; name=$2; given+=(--name); shift 2 ;;
     --dry-run) dry_run=1; shift ;;
     --) shift; train_args+=("$@"); break ;;
     *) train_args+=("$1"); shift ;;
   esac
 done
-[[ $port =~ ^[0-9]+$ ]] || die "--port must be a number, got '$port'"
+for opt in "${given[@]}"; do
+  case $mode:$opt in
+    keys:-k) ;;
+    keys:*) die "mode keys takes only -k DIR (and --dry-run), not $opt" ;;
+    worker:-n|worker:-H|worker:--gloo|worker:--mpi|worker:--threads)
+      die "$opt is not an option of mode worker (it only runs sshd)" ;;
+    single:-H) die "-H is for mode launch (docker-run.sh launch -H HOSTS ...); one node needs no host list" ;;
+    single:-p|single:-k) die "$opt is for modes worker and launch; one node uses no ssh" ;;
+  esac
+done
+if [ ${#train_args[@]} -gt 0 ] && [[ $mode == keys || $mode == worker ]]; then
+  die "mode $mode takes no training arguments, got '${train_args[0]}'"
+fi
+[[ $port =~ ^[1-9][0-9]*$ ]] && [ "${#port}" -le 5 ] && [ "$port" -le 65535 ] \
+  || die "--port must be a port number (1-65535), got '$port'"
+if [ -n "$threads" ] && ! [[ $threads =~ ^[1-9][0-9]*$ ]]; then
+  die "--threads must be a positive integer, got '$threads'"
+fi
 
 run() {
   if [ "$dry_run" = 1 ]; then printf '%q ' "$@"; echo; else "$@"; fi
@@ -115,6 +144,7 @@ run() {
 # ---- keys: one key pair for every container of the job ----------------------------------------
 if [ "$mode" = keys ]; then
   [ -e "$ssh_dir/id_ed25519" ] && die "$ssh_dir/id_ed25519 exists; remove $ssh_dir to make new keys"
+  [ "$dry_run" = 1 ] || command -v ssh-keygen >/dev/null || die "ssh-keygen not found (install openssh-client)"
   run mkdir -p -m 700 "$ssh_dir"
   run ssh-keygen -q -t ed25519 -N "" -C adabatch-hvd -f "$ssh_dir/id_ed25519"
   run ssh-keygen -q -t ed25519 -N "" -C adabatch-hvd-host -f "$ssh_dir/ssh_host_ed25519_key"
@@ -129,7 +159,29 @@ if [ "$mode" = keys ]; then
   exit 0
 fi
 
-# ---- the docker run common to every mode -------------------------------------------------------
+# ---- the checks of each mode, then the docker run common to every mode ---------------------------
+case $mode in
+  single)
+    if [ -z "$np" ]; then
+      np=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+      [ "$np" -gt 0 ] 2>/dev/null || np=1
+    fi
+    [[ $np =~ ^[1-9][0-9]*$ ]] || die "-n must be a positive integer, got '$np'"
+    ;;
+  launch)
+    [ -n "$hosts" ] || die "launch needs -H host1:4,host2:4"
+    total=$(slots_total "$hosts")
+    np=${np:-$total}
+    [[ $np =~ ^[1-9][0-9]*$ ]] || die "-n must be a positive integer, got '$np'"
+    ;;
+esac
+if [ "$dry_run" = 0 ]; then
+  if [ "$mode" != single ]; then
+    [ -r "$ssh_dir/authorized_keys" ] || die "no keys in $ssh_dir: run 'launch/docker-run.sh keys' first"
+  fi
+  command -v docker >/dev/null || die "docker not found: install Docker (or run launch/run-local.sh without it)"
+fi
+
 work=/opt/adabatch-hvd          # the image's WORKDIR
 [ "$dry_run" = 1 ] || mkdir -p runs data
 if [ -z "$gpus" ]; then
@@ -153,12 +205,14 @@ if [ -d /dev/infiniband ]; then base+=(--device /dev/infiniband --cap-add IPC_LO
 if [ -n "$iface" ]; then
   base+=(-e "NCCL_SOCKET_IFNAME=$iface" -e "HOROVOD_GLOO_IFACE=$iface" -e "GLOO_SOCKET_IFNAME=$iface")
 fi
+# --threads: each rank's torch threads (the trainer's default is the container's usable cores, its
+# --cpus quota included, / the ranks in it); horovodrun passes OMP_NUM_THREADS on to the workers' ranks.
+[ -z "$threads" ] || base+=(-e "OMP_NUM_THREADS=$threads")
 base+=("${mounts[@]}" "${envs[@]}")
 ssh_mount=(-v "$ssh_dir:/home/adabatch/.ssh:ro")
 
-check_ssh_dir() {
+warn_uid() {  # ssh refuses keys that the container's user does not own
   [ "$dry_run" = 1 ] && return 0
-  [ -r "$ssh_dir/authorized_keys" ] || die "no keys in $ssh_dir: run 'launch/docker-run.sh keys' first"
   local uid
   uid=$(docker image inspect -f '{{.Config.User}}' "$image" 2>/dev/null || true)
   if [ -n "$uid" ] && [ "$uid" != "$(id -u)" ]; then
@@ -169,11 +223,6 @@ check_ssh_dir() {
 
 case $mode in
   single)
-    if [ -z "$np" ]; then
-      np=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
-      [ "$np" -gt 0 ] 2>/dev/null || np=1
-    fi
-    [[ $np =~ ^[1-9][0-9]*$ ]] || die "-n must be a positive integer, got '$np'"
     cmd=("${base[@]}" --rm --name "$container")
     [ -t 0 ] && [ -t 1 ] && cmd+=(-it)
     if [ "$np" = 1 ]; then
@@ -186,7 +235,7 @@ case $mode in
     fi
     ;;
   worker)
-    check_ssh_dir
+    warn_uid
     # sshd as the unprivileged user: it can only log that user in, which is all horovodrun needs.
     # PATH is set for the sessions because ssh logins do not inherit the image's ENV.
     run "${base[@]}" -d --restart no --name "$container" "${ssh_mount[@]}" "$image" \
@@ -199,11 +248,7 @@ case $mode in
     [ "$dry_run" = 1 ] || echo "docker-run: worker sshd on port $port; stop it with: docker rm -f $container"
     ;;
   launch)
-    [ -n "$hosts" ] || die "launch needs -H host1:4,host2:4"
-    total=$(slots_total "$hosts")
-    np=${np:-$total}
-    [[ $np =~ ^[1-9][0-9]*$ ]] || die "-n must be a positive integer, got '$np'"
-    check_ssh_dir
+    warn_uid
     cmd=(horovodrun -np "$np" -H "$hosts" -p "$port" "--$controller")
     [ -n "$iface" ] && cmd+=(--network-interfaces "$iface")
     run "${base[@]}" --rm --name "$container" "${ssh_mount[@]}" "$image" \

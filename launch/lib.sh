@@ -12,6 +12,34 @@ slots_total() {
   echo "$total"
 }
 
+# suggest WORD CANDIDATE...: " (did you mean 'X'?)" for the candidate nearest WORD, when it is a likely typo
+# of it (at most a third of its letters changed, added, dropped or swapped, at least 1); nothing otherwise.
+suggest() {
+  local word=$1 best="" best_d=99 c d i j cost
+  local -a prev2 prev cur
+  shift
+  [ ${#word} -le 64 ] || return 0
+  for c in "$@"; do
+    for ((j = 0; j <= ${#c}; j++)); do prev[j]=$j; done
+    for ((i = 1; i <= ${#word}; i++)); do
+      cur=("$i")
+      for ((j = 1; j <= ${#c}; j++)); do
+        [ "${word:i-1:1}" = "${c:j-1:1}" ] && cost=0 || cost=1
+        d=$(( prev[j] + 1 < cur[j-1] + 1 ? prev[j] + 1 : cur[j-1] + 1 ))
+        d=$(( prev[j-1] + cost < d ? prev[j-1] + cost : d ))
+        if [ "$i" -gt 1 ] && [ "$j" -gt 1 ] && [ "${word:i-2:2}" = "${c:j-1:1}${c:j-2:1}" ]; then
+          d=$(( prev2[j-2] + 1 < d ? prev2[j-2] + 1 : d ))  # two letters swapped
+        fi
+        cur[j]=$d
+      done
+      prev2=("${prev[@]}") prev=("${cur[@]}")
+    done
+    d=${prev[${#c}]}
+    if [ "$d" -lt "$best_d" ] && [ "$d" -le $(( ${#c} / 3 > 1 ? ${#c} / 3 : 1 )) ]; then best=$c best_d=$d; fi
+  done
+  [ -z "$best" ] || echo " (did you mean '$best'?)"
+}
+
 # tool NAME: the checkout's .venv/bin/NAME ($ROOT), else NAME on PATH; with $dry_run 1 the bare name.
 tool() {
   if [ -x "$ROOT/.venv/bin/$1" ]; then echo "$ROOT/.venv/bin/$1"
@@ -55,8 +83,8 @@ preflight() {
 
 # supervise_or_print DRY_RUN NAME PYTHON CMD...: print the command when DRY_RUN is 1; else run it under
 # adabatch_hvd.supervise: Ctrl-C, SIGTERM, SIGHUP and SIGUSR1 stop the whole job at a step with a
-# checkpoint (exit code 128 + the signal), nothing of it is left running, and a rank's failure ends
-# in one line with that rank's exit code.
+# checkpoint (exit code 75; 128 + the signal if it had to be killed), nothing of it is left running,
+# and a rank's failure ends in one line with that rank's exit code.
 supervise_or_print() {
   local dry=$1 name=$2 py=$3
   shift 3

@@ -28,14 +28,18 @@ Runs an elastic Horovod job under Gloo (it reaches other hosts over ssh, as run-
   --reset-limit R    stop after R resets
   -p, --ssh-port P   ssh port on the hosts (horovodrun -p)
   --ssh-key FILE     ssh identity file (horovodrun -i)
-  --threads T        OMP_NUM_THREADS for every rank (CPU: cores per host / slots)
+  --threads T        torch threads per rank: exports OMP_NUM_THREADS=T, which adabatch-train
+                     follows unless its own --threads is given. Default: each host's usable
+                     cores (affinity and cgroup CPU quota) / its ranks
   --verbose          horovodrun's driver log (host and slot counts at every change)
   --dry-run          print the command, run nothing
   -h, --help         this text
 
-The training arguments get --elastic added. Every worker commits its state in memory every
---commit-every optimizer steps (default 10): a failed worker rolls the others back to the last
-commit; a host removed by S leaves at the next commit with nothing lost.
+Everything, the training arguments too (adabatch-plan), is checked before the job starts: a
+mistake ends in one line and exit code 2. The training arguments get --elastic added. Every
+worker commits its state in memory every --commit-every optimizer steps (default 10): a failed
+worker rolls the others back to the last commit; a host removed by S leaves at the next commit
+with nothing lost.
 
 Example (one machine, 3 workers that may shrink to 1):
     printf '#!/bin/sh\ncat /tmp/hosts\n' > /tmp/discover.sh; chmod +x /tmp/discover.sh
@@ -64,7 +68,7 @@ verbose=0
 dry_run=0
 train_args=()
 
-die() { echo "run-elastic: $*" >&2; exit 2; }
+die() { echo "run-elastic: error: $*" >&2; exit 2; }
 need() { [ "$2" -ge 2 ] || die "$1 needs a value"; }
 while [ $# -gt 0 ]; do
   case $1 in
@@ -87,12 +91,18 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-[ -n "$script" ] || { usage >&2; die "no --host-discovery-script: give an executable that prints host:slots lines"; }
-[ -x "$script" ] || die "discovery script $script is not an executable file"
+[ -n "$script" ] || die "no --host-discovery-script: give an executable that prints host:slots lines (see -h)"
+[ -f "$script" ] && [ -x "$script" ] || die "discovery script $script is not an executable file"
 positive() { [[ $2 =~ ^[1-9][0-9]*$ ]] || die "$1 must be a positive integer, got '$2'"; }
-for v in slots_per_host reset_limit threads; do
+for v in slots_per_host reset_limit threads ssh_port; do
   [ -n "${!v}" ] && positive "--${v//_/-}" "${!v}"
 done
+if [ ${#cooldown[@]} -gt 0 ]; then
+  positive "--blacklist-cooldown-range's LO" "${cooldown[0]}"
+  positive "--blacklist-cooldown-range's HI" "${cooldown[1]}"
+  [ "${cooldown[0]}" -le "${cooldown[1]}" ] || die "--blacklist-cooldown-range needs LO <= HI, got ${cooldown[*]}"
+fi
+[ -z "$ssh_key" ] || [ -r "$ssh_key" ] || die "cannot read --ssh-key $ssh_key"
 
 # The hosts the script offers now: the default -np, and whether they are all this machine.
 found=$("$script") || die "discovery script $script failed (exit $?)"
@@ -118,8 +128,9 @@ fi
 
 horovodrun=$(tool horovodrun)
 train=$(tool adabatch-train)
+[ "$dry_run" = 1 ] || preflight run-elastic "$(tool adabatch-plan)" "$np" --elastic true "${train_args[@]}"
 
-[ -n "$threads" ] && export OMP_NUM_THREADS=$threads
+[ -z "$threads" ] || export OMP_NUM_THREADS=$threads
 [ -n "$iface" ] && export HOROVOD_GLOO_IFACE=$iface GLOO_SOCKET_IFNAME=$iface
 
 cmd=("$horovodrun" -np "$np" --min-np "$min_np" --max-np "$max_np" --host-discovery-script "$script")

@@ -15,22 +15,24 @@ Runs N Horovod processes on this machine:
   --mpi              MPI controller (OpenMPI mpirun). As root it adds OpenMPI's
                      --allow-run-as-root through horovodrun --mpi-args, and
                      --oversubscribe when N exceeds the CPU cores
-  --threads T        OMP_NUM_THREADS per process. Default on CPU: cores / N (at
-                     least 1); on GPU: left alone. An OMP_NUM_THREADS already set
-                     in the environment wins.
+  --threads T        torch threads per process: exports OMP_NUM_THREADS=T, which
+                     adabatch-train follows unless its own --threads is given. Without
+                     either, an OMP_NUM_THREADS already set is followed, else the
+                     trainer takes the usable cores (affinity and cgroup CPU quota) / N
   --dry-run          print the command and the thread setting, run nothing
   -h, --help         this text
 
 Everything else (and everything after --) goes to adabatch-train; it is checked (adabatch-plan)
 before anything starts, so a mistake ends in one line and exit code 2. Ctrl-C, SIGTERM, SIGHUP or
-SIGUSR1 stops every rank at the same step with a checkpoint and exits 128 + the signal (130 for
-Ctrl-C); a second one kills the job at once. Nothing of the job is left running. E.g.
+SIGUSR1 stops every rank at the same step with a checkpoint and exits 75, as adabatch-train does; a
+second one (a second or more later) kills the job at once and exits 128 + the signal (130 for
+Ctrl-C). Nothing of the job is left running. E.g.
     launch/run-local.sh 2 --config configs/fashion_mnist.yaml --run-dir runs/fm --epochs 3
     launch/run-local.sh 4 --mpi -- --config configs/cifar10_resnet20_adabatch.yaml --resume
 
 Tools: .venv/bin/horovodrun and .venv/bin/adabatch-train of this checkout when present
 (launch/setup.sh makes .venv), otherwise those on PATH (e.g. inside the Docker image).
-Environment: NP (default N), ADABATCH_DEVICE=cpu|gpu (skip GPU detection by nvidia-smi).
+Environment: NP (default N), OMP_NUM_THREADS (see --threads).
 EOF
 }
 
@@ -43,51 +45,32 @@ threads=""
 dry_run=0
 train_args=()
 
+die() { echo "run-local: error: $*" >&2; exit 2; }
+need() { [ "$2" -ge 2 ] || die "$1 needs a value"; }
 if [ $# -gt 0 ] && [[ $1 =~ ^[0-9]+$ ]]; then np=$1; shift; fi
 while [ $# -gt 0 ]; do
   case $1 in
     -h|--help) usage; exit 0 ;;
-    -np|-n) [ $# -ge 2 ] || { echo "run-local: $1 needs a number" >&2; exit 2; }; np=$2; shift 2 ;;
+    -np|-n) need "$1" $#; np=$2; shift 2 ;;
     --gloo) controller=gloo; shift ;;
     --mpi) controller=mpi; shift ;;
-    --threads) [ $# -ge 2 ] || { echo "run-local: --threads needs a number" >&2; exit 2; }; threads=$2; shift 2 ;;
+    --threads) need "$1" $#; threads=$2; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
     --) shift; train_args+=("$@"); break ;;
     *) train_args+=("$1"); shift ;;
   esac
 done
-[[ $np =~ ^[1-9][0-9]*$ ]] || { echo "run-local: N must be a positive integer, got '$np'" >&2; exit 2; }
+[[ $np =~ ^[1-9][0-9]*$ ]] || die "N must be a positive integer, got '$np'"
 if [ -n "$threads" ] && ! [[ $threads =~ ^[1-9][0-9]*$ ]]; then
-  echo "run-local: --threads must be a positive integer, got '$threads'" >&2; exit 2
+  die "--threads must be a positive integer, got '$threads'"
 fi
 
-tool() {  # the checkout's venv first, then PATH
-  if [ -x "$ROOT/.venv/bin/$1" ]; then echo "$ROOT/.venv/bin/$1"
-  elif command -v "$1" >/dev/null 2>&1; then command -v "$1"
-  elif [ "$dry_run" = 1 ]; then echo "$1"
-  else echo "run-local: $1 not found: run launch/setup.sh first (it makes .venv)" >&2; return 1
-  fi
-}
 horovodrun=$(tool horovodrun)
 train=$(tool adabatch-train)
 
-# CPU or GPU: each rank's torch uses every core by default, so N ranks on one machine
-# oversubscribe the CPU; give each cores/N threads. GPU runs keep the default.
-cores=$(nproc)
-device=${ADABATCH_DEVICE:-}
-if [ -z "$device" ]; then
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then
-    device=gpu
-  else
-    device=cpu
-  fi
-fi
-if [ -n "$threads" ]; then
-  export OMP_NUM_THREADS=$threads
-elif [ -z "${OMP_NUM_THREADS:-}" ] && [ "$device" = cpu ]; then
-  per_rank=$(( cores / np ))
-  export OMP_NUM_THREADS=$(( per_rank > 0 ? per_rank : 1 ))
-fi
+[ -z "$threads" ] || export OMP_NUM_THREADS=$threads
+# The cores, for --oversubscribe (nproc alone would answer OMP_NUM_THREADS).
+cores=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
 
 cmd=("$horovodrun" -np "$np" -H "localhost:$np" "--$controller")
 if [ "$controller" = mpi ]; then
@@ -101,5 +84,6 @@ fi
 cmd+=("$train" "${train_args[@]}")
 
 [ "$dry_run" = 1 ] || preflight run-local "$(tool adabatch-plan)" "$np" "${train_args[@]}"
-echo "run-local: $device, $np processes, OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset}" >&2
+per_rank=${OMP_NUM_THREADS:+OMP_NUM_THREADS=$OMP_NUM_THREADS}
+echo "run-local: $np processes ($controller); threads per rank: ${per_rank:-usable cores / $np}" >&2
 supervise_or_print "$dry_run" run-local "$(python_for "$horovodrun")" "${cmd[@]}"

@@ -22,7 +22,10 @@ Options:
                      (also OpenMPI's btl_tcp_if_include).
   -p, --ssh-port P   ssh port on the hosts (horovodrun -p)
   --ssh-key FILE     ssh identity file (horovodrun -i)
-  --threads T        OMP_NUM_THREADS for every rank (CPU nodes: cores per node / slots)
+  --threads T        torch threads per rank: exports OMP_NUM_THREADS=T, which horovodrun
+                     passes to every rank and adabatch-train follows unless its own
+                     --threads is given. Default: each host's usable cores (affinity and
+                     cgroup CPU quota) / its ranks
   --dry-run          print the command, run nothing
   -h, --help         this text
 
@@ -30,9 +33,10 @@ Network knobs read from the environment and passed to every rank (horovodrun for
 launcher's environment): HOROVOD_GLOO_IFACE, NCCL_SOCKET_IFNAME, NCCL_IB_HCA, NCCL_IB_DISABLE,
 NCCL_DEBUG=INFO (to see which transport NCCL picked), GLOO_SOCKET_IFNAME.
 
-The training arguments are checked (adabatch-plan) before anything starts: a mistake ends in one
-line and exit code 2. Ctrl-C, SIGTERM, SIGHUP or SIGUSR1 stops every rank on every host at the same
-step with a checkpoint and exits 128 + the signal; a second one kills the job at once.
+Everything, the training arguments too (adabatch-plan), is checked before anything starts: a
+mistake ends in one line and exit code 2. Ctrl-C, SIGTERM, SIGHUP or SIGUSR1 stops every rank on
+every host at the same step with a checkpoint and exits 75; a second one (a second or more later)
+kills the job at once and exits 128 + the signal.
 
 Requirements: passwordless ssh from this machine to every host (and between hosts for MPI),
 and this checkout with its .venv at the same path on every host (a shared file system), or
@@ -57,7 +61,8 @@ threads=""
 dry_run=0
 train_args=()
 
-need() { [ "$2" -ge 2 ] || { echo "run-multinode: $1 needs a value" >&2; exit 2; }; }
+die() { echo "run-multinode: error: $*" >&2; exit 2; }
+need() { [ "$2" -ge 2 ] || die "$1 needs a value"; }
 while [ $# -gt 0 ]; do
   case $1 in
     -h|--help) usage; exit 0 ;;
@@ -76,10 +81,10 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-die() { echo "run-multinode: $*" >&2; exit 2; }
 [ -n "$hostfile" ] && [ -n "$hosts" ] && die "give -hostfile or -H, not both"
 if [ -n "$hostfile" ]; then
-  [ -r "$hostfile" ] || die "cannot read hostfile $hostfile"
+  [ -f "$hostfile" ] && [ -r "$hostfile" ] || die "cannot read hostfile $hostfile (not a readable file)"
+  [ "$(stat -c %s "$hostfile")" -le 1048576 ] || die "hostfile $hostfile is larger than 1 MiB; give one line per host"
   # horovodrun's own -hostfile parser fails on comments and blank lines; build -H here.
   list=()
   while read -r line; do
@@ -96,20 +101,24 @@ if [ -n "$hostfile" ]; then
   [ ${#list[@]} -gt 0 ] || die "no hosts in $hostfile"
   hosts=$(IFS=,; echo "${list[*]}")
 fi
-[ -n "$hosts" ] || { usage >&2; die "no hosts: give -hostfile FILE or -H host1:4,host2:4"; }
+[ -n "$hosts" ] || die "no hosts: give -hostfile FILE or -H host1:4,host2:4 (see -h)"
 
 total=$(slots_total "$hosts")
 np=${np:-$total}
 [[ $np =~ ^[1-9][0-9]*$ ]] || die "-np must be a positive integer, got '$np'"
 [ "$np" -le "$total" ] || die "-np $np exceeds the $total slots in '$hosts'"
+if [ -n "$threads" ] && ! [[ $threads =~ ^[1-9][0-9]*$ ]]; then
+  die "--threads must be a positive integer, got '$threads'"
+fi
+if [ -n "$ssh_port" ] && ! { [[ $ssh_port =~ ^[1-9][0-9]{0,4}$ ]] && [ "$ssh_port" -le 65535 ]; }; then
+  die "--ssh-port must be a port number (1-65535), got '$ssh_port'"
+fi
+[ -z "$ssh_key" ] || [ -r "$ssh_key" ] || die "cannot read --ssh-key $ssh_key"
 
 horovodrun=$(tool horovodrun)
 train=$(tool adabatch-train)
 
-if [ -n "$threads" ]; then
-  [[ $threads =~ ^[1-9][0-9]*$ ]] || die "--threads must be a positive integer, got '$threads'"
-  export OMP_NUM_THREADS=$threads
-fi
+[ -z "$threads" ] || export OMP_NUM_THREADS=$threads
 if [ -n "$iface" ]; then
   export HOROVOD_GLOO_IFACE=$iface NCCL_SOCKET_IFNAME=$iface GLOO_SOCKET_IFNAME=$iface
 fi

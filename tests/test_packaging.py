@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from adabatch_hvd.threads import choose as choose_threads
+
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "launch"
 DOCKERFILE = ROOT / "Dockerfile"
@@ -286,21 +288,20 @@ def dry(script, *args, env=None, cwd=ROOT):
     return proc
 
 
-def test_run_local_defaults_to_two_gloo_ranks_and_splits_cpu_threads():
-    env = dict(os.environ, ADABATCH_DEVICE="cpu")
+def test_run_local_defaults_to_two_gloo_ranks_and_leaves_threads_to_the_trainer():
+    env = dict(os.environ)
     env.pop("OMP_NUM_THREADS", None)
     env.pop("NP", None)
     proc = run([LAUNCH / "run-local.sh", "--dry-run", "--config", "configs/fashion_mnist.yaml"], env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"horovodrun -np 2 -H localhost:2 --gloo \S*adabatch-train --config configs/fashion_mnist.yaml",
                      proc.stdout), proc.stdout
-    cores = int(run(["nproc"]).stdout.strip())
-    assert f"OMP_NUM_THREADS={max(1, cores // 2)}" in proc.stderr, proc.stderr
+    assert proc.stderr == "run-local: 2 processes (gloo); threads per rank: usable cores / 2\n"
 
 
 def test_run_local_mpi_root_and_oversubscribe():
-    base = dict(os.environ, ADABATCH_DEVICE="cpu")
-    n = int(run(["nproc"]).stdout.strip()) + 1
+    base = dict(os.environ, OMP_NUM_THREADS="1")
+    n = int(run(["nproc"], env=dict(os.environ, OMP_NUM_THREADS="")).stdout.strip()) + 1
     proc = run([LAUNCH / "run-local.sh", str(n), "--mpi", "--dry-run", "--", "--epochs", "1", "--resume"],
                env=base, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
@@ -309,11 +310,13 @@ def test_run_local_mpi_root_and_oversubscribe():
     assert "--oversubscribe" in out, out
     assert ("--allow-run-as-root" in out) == (os.geteuid() == 0), out
     assert out.rstrip().endswith("adabatch-train --epochs 1 --resume"), out
-    assert "OMP_NUM_THREADS=1" in proc.stderr
+    if n > 2:  # 2 ranks fit the cores, whatever OMP_NUM_THREADS (which nproc would answer) says
+        proc = run([LAUNCH / "run-local.sh", "2", "--mpi", "--dry-run"], env=base, cwd=ROOT)
+        assert "--oversubscribe" not in proc.stdout, proc.stdout
 
 
 def test_run_local_respects_threads_and_rejects_bad_n():
-    base = dict(os.environ, ADABATCH_DEVICE="cpu", OMP_NUM_THREADS="7")
+    base = dict(os.environ, OMP_NUM_THREADS="7")
     proc = run([LAUNCH / "run-local.sh", "3", "--dry-run"], env=base, cwd=ROOT)
     assert proc.returncode == 0 and "OMP_NUM_THREADS=7" in proc.stderr, proc.stderr
     proc = run([LAUNCH / "run-local.sh", "3", "--threads", "2", "--dry-run"], env=base, cwd=ROOT)
@@ -325,19 +328,21 @@ def test_run_local_respects_threads_and_rejects_bad_n():
 FAKE_TRAIN = """#!{python}
 import os, sys
 import torch
-import horovod.torch as hvd
-hvd.init()
-total = hvd.allreduce(torch.tensor([float(hvd.rank() + 1)]), op=hvd.Sum).item()
-line = " ".join(str(x) for x in ("RANK", hvd.rank(), hvd.size(), total, os.environ.get("OMP_NUM_THREADS"), *sys.argv[1:]))
+from adabatch_hvd import dist
+dist.init()
+total = dist.allreduce_sum(torch.tensor([float(dist.rank() + 1)])).item()
+line = " ".join(str(x) for x in ("RANK", dist.rank(), dist.size(), total, os.environ.get("OMP_NUM_THREADS"),
+                                 torch.get_num_threads(), *sys.argv[1:]))
 sys.stdout.write(line + "\\n")  # one write: OpenMPI's --tag-output tags every write
 sys.stdout.flush()
 """
 
 
-@pytest.mark.parametrize("controller", ["gloo", "mpi"])
-def test_run_local_really_launches_ranks(tmp_path, controller):
+@pytest.mark.parametrize("controller,threads", [("gloo", []), ("mpi", ["--threads", "1"])])
+def test_run_local_really_launches_ranks(tmp_path, controller, threads):
     """The composed horovodrun command runs: a copy of run-local.sh in a fake checkout whose
-    .venv/bin holds the real horovodrun and an adabatch-train stand-in that allreduces."""
+    .venv/bin holds the real horovodrun and an adabatch-train stand-in that allreduces. Each rank's
+    torch threads: the launcher's --threads (as OMP_NUM_THREADS), else the usable cores / 2."""
     horovodrun = Path(sys.executable).parent / "horovodrun"
     assert horovodrun.exists(), "horovodrun is not installed next to this interpreter (run launch/setup.sh)"
     (tmp_path / "launch").mkdir()
@@ -351,15 +356,14 @@ def test_run_local_really_launches_ranks(tmp_path, controller):
     (bindir / "python").chmod(0o755)
     (bindir / "adabatch-train").write_text(FAKE_TRAIN.format(python=sys.executable))
     (bindir / "adabatch-train").chmod(0o755)
-    env = dict(os.environ, ADABATCH_DEVICE="cpu", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("OMP_NUM_THREADS", None)
-    proc = run([tmp_path / "launch" / "run-local.sh", "2", f"--{controller}", "--", "--epochs", "1"],
+    proc = run([tmp_path / "launch" / "run-local.sh", "2", f"--{controller}", *threads, "--", "--epochs", "1"],
                env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = sorted(line.split("RANK ", 1)[1] for line in proc.stdout.splitlines() if "RANK " in line)
-    cores = int(run(["nproc"]).stdout.strip())
-    threads = str(max(1, cores // 2))
-    assert ranks == [f"0 2 3.0 {threads} --epochs 1", f"1 2 3.0 {threads} --epochs 1"], proc.stdout
+    omp, count = ("1", 1) if threads else (None, choose_threads(0, 2, {}).count)
+    assert ranks == [f"0 2 3.0 {omp} {count} --epochs 1", f"1 2 3.0 {omp} {count} --epochs 1"], proc.stdout
 
 
 def test_run_multinode_hostfile_and_interface(tmp_path):
@@ -502,10 +506,10 @@ def test_docker_check_script_and_target():
 
 @pytest.mark.parametrize("case,scontrol,unset,message", [
     ("no nodelist", 'printf "gpu01\\n"', "SLURM_JOB_NODELIST",
-     "slurm.sbatch: SLURM_JOB_NODELIST is not set: cannot build the host list\n"),
+     "slurm.sbatch: error: SLURM_JOB_NODELIST is not set: cannot build the host list\n"),
     ("scontrol fails", 'echo "scontrol: error: Invalid node name" >&2; exit 1', None,
-     "slurm.sbatch: scontrol show hostnames 'gpu[01-02]' failed: scontrol: error: Invalid node name\n"),
-    ("no hosts", "true", None, "slurm.sbatch: no hosts in SLURM_JOB_NODELIST='gpu[01-02]'\n"),
+     "slurm.sbatch: error: scontrol show hostnames 'gpu[01-02]' failed: scontrol: error: Invalid node name\n"),
+    ("no hosts", "true", None, "slurm.sbatch: error: no hosts in SLURM_JOB_NODELIST='gpu[01-02]'\n"),
 ])
 def test_slurm_host_list_failure_ends_the_job(fake_slurm, case, scontrol, unset, message):
     """Issue 12 item 5: any failure to build the host list ends the job non-zero, with one line."""
@@ -515,3 +519,74 @@ def test_slurm_host_list_failure_ends_the_job(fake_slurm, case, scontrol, unset,
         env.pop(unset)
     proc = run(["bash", LAUNCH / "slurm.sbatch", "--epochs", "1"], env=env, cwd=env["SLURM_SUBMIT_DIR"])
     assert (proc.returncode, proc.stderr, proc.stdout) == (2, message, ""), case
+
+
+# ---- every launcher checks everything before it creates or starts anything -------------------------
+
+def tree(root):
+    return sorted(str(p.relative_to(root)) for p in Path(root).rglob("*"))
+
+
+@pytest.mark.parametrize("script,args,message", [
+    ("docker-run.sh", ["lunch", "-H", "a:2"], "unknown mode 'lunch' (did you mean 'launch'?)"),
+    ("docker-run.sh", ["wrk"], "unknown mode 'wrk' (the modes are keys, worker and launch; one node needs none)"),
+    ("docker-run.sh", ["worker", "-k", "{tmp}/nokeys"],
+     "no keys in {tmp}/nokeys: run 'launch/docker-run.sh keys' first"),
+    ("docker-run.sh", ["launch", "-H", "a:2", "-k", "{tmp}/nokeys"],
+     "no keys in {tmp}/nokeys: run 'launch/docker-run.sh keys' first"),
+    ("docker-run.sh", ["-H", "a:2", "--", "--epochs", "1"],
+     "-H is for mode launch (docker-run.sh launch -H HOSTS ...); one node needs no host list"),
+    ("docker-run.sh", ["worker", "-k", "{tmp}", "--epochs", "1"],
+     "mode worker takes no training arguments, got '--epochs'"),
+    ("docker-run.sh", ["worker", "-k", "{tmp}", "-n", "2"], "-n is not an option of mode worker (it only runs sshd)"),
+    ("docker-run.sh", ["keys", "-H", "a:1"], "mode keys takes only -k DIR (and --dry-run), not -H"),
+    ("docker-run.sh", ["launch", "-H", "a:2", "-p", "99999"], "--port must be a port number (1-65535), got '99999'"),
+    ("docker-run.sh", ["-n", "0"], "-n must be a positive integer, got '0'"),
+    ("docker-run.sh", ["launch", "-H", "a"], "bad host entry 'a' (want host:slots)"),
+    ("run-local.sh", ["2", "--threads", "0"], "--threads must be a positive integer, got '0'"),
+    ("run-local.sh", ["2", "-np"], "-np needs a value"),
+    ("run-local.sh", ["2", "--", "--epochz", "1"], "unrecognized arguments: --epochz 1 (see --help)"),
+    ("run-multinode.sh", [], "no hosts: give -hostfile FILE or -H host1:4,host2:4 (see -h)"),
+    ("run-multinode.sh", ["-hostfile", "/dev/zero"], "cannot read hostfile /dev/zero (not a readable file)"),
+    ("run-multinode.sh", ["-H", "a:2", "-p", "x"], "--ssh-port must be a port number (1-65535), got 'x'"),
+    ("run-multinode.sh", ["-H", "a:2", "--ssh-key", "{tmp}/none"], "cannot read --ssh-key {tmp}/none"),
+    ("run-elastic.sh", ["--host-discovery-script", "{tmp}/discover.sh", "--blacklist-cooldown-range", "9", "3"],
+     "--blacklist-cooldown-range needs LO <= HI, got 9 3"),
+    ("run-elastic.sh", ["--host-discovery-script", "{tmp}/discover.sh", "--", "--epochz", "1"],
+     "unrecognized arguments: --epochz 1 (see --help)"),
+])
+def test_a_launcher_mistake_is_one_line_exit_2_and_touches_nothing(tmp_path, script, args, message):
+    """Issue 17 item 10: checked before any mkdir, container, ssh or rank; cwd and HOME stay as they were."""
+    (tmp_path / "discover.sh").write_text("#!/bin/sh\necho localhost:2\n")
+    (tmp_path / "discover.sh").chmod(0o755)
+    (tmp_path / "work").mkdir()
+    before = tree(tmp_path)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    env = dict(os.environ, HOME=str(tmp_path), NP="2")
+    env.pop("ADABATCH_SSH_DIR", None)
+    proc = run([LAUNCH / script, *args], env=env, cwd=tmp_path / "work")
+    name = script.removesuffix(".sh")
+    message = message.replace("{tmp}", str(tmp_path))
+    assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", f"{name}: error: {message}\n")
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"LAUNCHER": "hovorodrun"},
+     "LAUNCHER must be horovodrun, srun or mpirun, not 'hovorodrun' (did you mean 'horovodrun'?)"),
+    ({"CONTROLLER": "glo"}, "CONTROLLER must be gloo or mpi, not 'glo' (did you mean 'gloo'?)"),
+    ({"CONTAINER_IMAGE": "img", "LAUNCHER": "mpirun"}, "CONTAINER_IMAGE needs LAUNCHER=srun"),
+    ({"ADABATCH_ROOT": "/nonexistent"},
+     "cannot enter the repository /nonexistent (ADABATCH_ROOT, else SLURM_SUBMIT_DIR)"),
+    ({}, "unrecognized arguments: --epochz 1 (see --help)"),
+])
+def test_slurm_mistakes_end_the_job_before_any_rank(fake_slurm, env, message):
+    """Settings and training arguments are checked before scontrol and before any launcher starts."""
+    bindir = Path(fake_slurm["PATH"].split(":")[0])
+    for tool in ("scontrol", "horovodrun", "srun", "mpirun"):
+        (bindir / tool).write_text(f'#!/bin/sh\ntouch "{bindir}/ran-{tool}"\necho node1\n')
+    proc = run(["bash", LAUNCH / "slurm.sbatch", "--epochz", "1"],
+               env={**fake_slurm, "ADABATCH_ROOT": str(ROOT), **env}, cwd=fake_slurm["SLURM_SUBMIT_DIR"])
+    assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", f"slurm.sbatch: error: {message}\n")
+    ran = sorted(p.name for p in bindir.glob("ran-*"))
+    assert ran == ([] if env else ["ran-scontrol"]), ran  # (training arguments are checked for the job's size)

@@ -1,11 +1,12 @@
 """Signals and mistakes under launch/run-local.sh: one line and exit code 2 for a bad flag; Ctrl-C,
-SIGTERM and SIGHUP stop every rank at the same step with a checkpoint (a second one kills the job),
-nothing of the job is left running, and the same command with --resume auto then ends with
-bit-identical weights."""
+SIGTERM and SIGHUP stop every rank at the same step with a checkpoint, exit 75 (a second one, a second
+or more later, kills the job: 128 + the signal), nothing of the job is left running, and the same
+command with --resume auto then ends with bit-identical weights."""
 
 import os
 import signal
 import subprocess
+import time
 
 import pytest
 
@@ -66,18 +67,20 @@ def test_signal_stops_the_whole_job_then_resume_is_exact(reference_run, tmp_path
         if stuck:
             while "again kills it now" not in seen:  # the launcher took the first signal: send the second
                 seen += job.stderr.readline()
+            time.sleep(1.5)  # (within a second it would be the same request delivered twice)
             job.send_signal(sig)
         out, err = job.communicate(timeout=120)
         err = seen + err
     finally:
         if job.poll() is None:
             job.kill()
-    assert job.returncode == 128 + sig, err[-4000:]
+    assert job.returncode == (128 + sig if stuck else 75), err[-4000:]
     assert not processes_with(str(run)), "processes of the job are still running"
     lines = err.strip().splitlines()
-    how = "the job was killed; its last checkpoint is kept" if stuck else \
-        "every rank stopped at the same step, with a checkpoint"
-    assert lines[-1] == f"run-local: stopped by {sig.name}: {how}; the same command with --resume auto continues"
+    how = ("the job was killed before its ranks stopped; the same command with --resume auto continues from the "
+           "last checkpoint written, if there is one") if stuck else \
+        "every rank stopped at the same step, with a checkpoint; the same command with --resume auto continues"
+    assert lines[-1] == f"run-local: stopped by {sig.name}: {how}"
     assert "Traceback" not in err and "-----" not in err, err[-4000:]  # no horovodrun traceback, no mpirun banner
     epoch, stopped_at = checkpoint.position(checkpoint.latest(run / "checkpoints"))
     assert 16 <= stopped_at < SMALL_STEPS, stopped_at  # it really stopped in the middle
@@ -90,3 +93,23 @@ def test_signal_stops_the_whole_job_then_resume_is_exact(reference_run, tmp_path
     print(f"{controller} {sig.name}: stopped at step {stopped_at}; weight difference after resume: {diff}")
     assert diff == 0.0
     assert_same_records(records(run), records(reference_run))
+
+
+def test_ctrl_c_to_a_process_group_with_timeout_in_it_is_a_clean_stop(tmp_path):
+    """Issue 17 item 11: a terminal's Ctrl-C reaches the whole process group, and timeout passes it on to
+    run-local.sh again; the two are one request, not a stop and then a kill."""
+    run = tmp_path / "run"
+    job = subprocess.Popen(["timeout", "600", *run_local(run, "gloo")], cwd=ROOT, env=hvd_env(),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for(checkpoint_at_least(run, 16), 300, "the second checkpoint")
+        os.killpg(job.pid, signal.SIGINT)
+        out, err = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 75, err[-4000:]
+    assert err.strip().splitlines()[-1] == ("run-local: stopped by SIGINT: every rank stopped at the same step, "
+                                            "with a checkpoint; the same command with --resume auto continues")
+    assert not processes_with(str(run)), "processes of the job are still running"
+    assert 16 <= checkpoint.position(checkpoint.latest(run / "checkpoints"))[1] < SMALL_STEPS
