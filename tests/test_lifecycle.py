@@ -41,7 +41,6 @@ ARGS = ["--data", "synthetic", "--synthetic-samples", "512", "--synthetic-shape"
         "--initial-batch", "16", "--epochs", "3", "--every-steps", "4", "--keep", "1000", "--quiet", "--no-augment",
         "--threads", "1"]
 TIMING = ("epoch_seconds", "samples_per_second", "allreduce_wait_share")
-MOUNT = Path("/tmp/adabatch-lifecycle")
 
 
 def train_cmd(run, *extra):
@@ -82,24 +81,25 @@ def reference(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def disk():
-    MOUNT.mkdir(exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(MOUNT)], capture_output=True,
+def disk(tmp_path_factory):
+    mount = tmp_path_factory.mktemp("lifecycle-disk")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount)], capture_output=True,
                              text=True)
     if mounted.returncode != 0:
         pytest.fail(f"the lifecycle test needs root to mount a small tmpfs: {mounted.stderr.strip()}", pytrace=False)
-    yield MOUNT
-    subprocess.run(["umount", "-l", str(MOUNT)])
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)])
 
 
 class Lifecycle(RuleBasedStateMachine):
     reference = None  # (weights, records) of the uninterrupted run
+    disk = None  # the tmpfs the run dirs are on
     count = 0
 
     def __init__(self):
         super().__init__()
         Lifecycle.count += 1
-        self.run = MOUNT / f"run{Lifecycle.count:03d}"
+        self.run = self.disk / f"run{Lifecycle.count:03d}"
         self.before = {}
         self.killed = False  # a SIGKILL may leave a lock behind (the next start takes it over)
         self.went_back = None  # the epoch a resume went back to, when the test damaged a newer checkpoint
@@ -199,7 +199,7 @@ class Lifecycle(RuleBasedStateMachine):
 
     @rule()
     def full_disk(self):
-        filler = MOUNT / "filler"
+        filler = self.disk / "filler"
         subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=64k"], capture_output=True)
         try:
             self._check(run_train(self.run, "--resume", "auto"), {0, 2, 4})
@@ -252,7 +252,7 @@ class Lifecycle(RuleBasedStateMachine):
 
 
 def test_run_dir_lifecycle(reference, disk):
-    Lifecycle.reference = reference
+    Lifecycle.reference, Lifecycle.disk = reference, disk
     Lifecycle.TestCase.settings = settings(max_examples=EXAMPLES, stateful_step_count=8, deadline=None,
                                            derandomize="LIFECYCLE_EXAMPLES" not in os.environ, database=None,
                                            phases=[Phase.explicit, Phase.generate],  # no shrinking: minutes a step
