@@ -11,6 +11,12 @@ With `oom_guard` (schedule.max_micro_batch = auto on CUDA), a CUDA out-of-memory
 makes every rank drop the step: the allreduces some ranks already started are completed and thrown
 away, nothing is updated, and the caller redoes the step with smaller micro-batches. The update
 does not depend on the split, so the redone step is the one that would have been taken.
+
+Per-step scalars that every rank needs summed (the stop flag; see signals.py) ride on the step's own
+exchange: their allreduce is started right after the backward passes, while the last gradients are
+still in flight, with the gradients' op and dtype (an average of float32), so that Horovod negotiates
+it in the same cycle and fuses it into their buffer; it is waited for after `optimizer.step()` and
+scaled back to a sum. No step pays a round trip of its own for them.
 """
 
 from __future__ import annotations
@@ -42,12 +48,15 @@ class Accumulator:
             self.optimizer.set_backward_passes_per_step(passes)
         self.passes = passes
 
-    def step(self, micro_batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], step_size: int, passes: int):
+    def step(self, micro_batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], step_size: int, passes: int,
+             scalars: torch.Tensor | None = None):
         """Forward/backward every micro-batch of this rank, then one optimizer step.
 
-        Returns (loss_sum, correct, count) over this rank's samples; the first two stay detached
-        tensors on the model's device (no .item() per micro-step, which would sync a GPU). Returns
-        None, on every rank, when a rank ran out of memory under `oom_guard`: nothing was updated.
+        Returns (loss_sum, correct, count, summed) over this rank's samples; the first two stay detached
+        tensors on the model's device (no .item() per micro-step, which would sync a GPU); `summed` is
+        `scalars` (a small float32 CPU tensor) summed over all ranks with the step's gradients, or None.
+        Returns None, on every rank, when a rank ran out of memory under `oom_guard`: nothing was
+        updated, and the scalars were not exchanged.
         """
         self.set_passes(passes)
         self.model.train()
@@ -63,11 +72,13 @@ class Accumulator:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             return None
+        handle = None if scalars is None else dist.allreduce_mean_async(scalars.float(), name="step_scalars")
         t0 = time.perf_counter()
         self.optimizer.step()
+        summed = None if handle is None else dist.wait(handle) * self.world_size
         self.sync_seconds = time.perf_counter() - t0
         self.optimizer.zero_grad()
-        return loss_sum, correct, count
+        return loss_sum, correct, count, summed
 
     def _backward(self, micro_batches, step_size: int):
         # A function of its own, so that an exception frees the micro-batch's activations with its frame.

@@ -50,6 +50,16 @@ def allreduce_sum(tensor: torch.Tensor, name: str | None = None) -> torch.Tensor
     return hvd.allreduce(tensor, op=hvd.Sum, name=name)
 
 
+def allreduce_mean_async(tensor: torch.Tensor, name: str):
+    """Start an averaging allreduce in place (the gradients' op, so Horovod can fuse the two);
+    `wait(handle)` returns the tensor once it is done."""
+    return hvd.allreduce_async_(tensor, op=hvd.Average, name=name)
+
+
+def wait(handle) -> torch.Tensor:
+    return hvd.synchronize(handle)
+
+
 def allreduce_mean(tensor: torch.Tensor, name: str | None = None) -> torch.Tensor:
     return hvd.allreduce(tensor, op=hvd.Average, name=name)
 

@@ -4,9 +4,9 @@ Slurm sends these before a time limit or a preemption (`sbatch --signal`), sched
 send SIGTERM, and the launch scripts pass Ctrl-C on as SIGTERM. adabatch-train installs the handler
 before anything else (`install`), so a signal during set-up stops the run at its first step; only one
 that arrives while the interpreter itself starts (tens of milliseconds) ends the process with the
-signal's default action. The handler only sets a flag; after each optimizer step every rank adds up
-the flags with one tiny allreduce, so a signal that reached a single rank (on any host) stops all of
-them at the same step. The trainer then writes a checkpoint and the process exits with
+signal's default action. The handler only sets a flag; every optimizer step adds up the ranks' flags
+in the step's own gradient exchange (accumulation.py), so a signal that reached a single rank (on any
+host) stops all of them at the same step, and no step pays a round trip of its own for it. The trainer then writes a checkpoint and the process exits with
 errors.EXIT_STOPPED (75); the same command with `--resume auto` continues exactly there.
 """
 
@@ -46,9 +46,17 @@ class StopRequest:
     def received(self):
         return _received
 
+    def flag(self):
+        """This rank's flag, to be summed over the ranks with a step's gradients (Accumulator.step's scalars)."""
+        return self._torch.tensor([0.0 if _received is None else 1.0])
+
+    def agree(self, summed) -> bool:
+        """True on every rank once the summed flags show that any rank received a stop signal."""
+        self.agreed = self.agreed or summed[0].item() > 0
+        return self.agreed
+
     def check(self) -> bool:
-        """True on every rank once any rank has received a stop signal (a collective: call on all ranks)."""
+        """The same agreement as a collective of its own (call on all ranks); for where no step is taken."""
         if not self.agreed:
-            flag = self._torch.tensor([0.0 if _received is None else 1.0])
-            self.agreed = self._dist.allreduce_sum(flag, name="stop_request").item() > 0
+            self.agree(self._dist.allreduce_sum(self.flag(), name="stop_request"))
         return self.agreed

@@ -313,11 +313,11 @@ class Trainer:
         for step, size, samples, micro in self._steps(plan):
             self._set_lr(self.schedule.lr_at(st.epoch + step.start / n))
             t_step = time.perf_counter()
-            result = self.acc.step(micro, step.size, sampler.passes_per_step(step, self.world, size))
+            result = self.acc.step(micro, step.size, sampler.passes_per_step(step, self.world, size), self.stop.flag())
             if result is None:  # a rank ran out of memory; nothing was updated: redo the step smaller
                 self._out_of_memory(plan, size)
                 continue
-            loss_sum, correct, count = result
+            loss_sum, correct, count, flags = result
             step_loss = float(loss_sum) / max(count, 1)
             if not math.isfinite(step_loss):
                 lr = self.optimizer.param_groups[0]["lr"]
@@ -336,7 +336,7 @@ class Trainer:
                 self._choose_micro_batch(plan)
             if self.resize is not None:
                 self._report_resize()
-            if self.stop.check() or steps_this_process == cfg.run.stop_after_steps:
+            if self.stop.agree(flags) or steps_this_process == cfg.run.stop_after_steps:
                 self._fold(local, time.perf_counter() - t0)
                 self._save()  # a clean stop keeps its exact position
                 dist.barrier()  # no rank exits (and makes the launcher kill the others) before it is written

@@ -1,11 +1,15 @@
-"""The cost of the stop-request agreement (adabatch_hvd.signals.StopRequest.check): one 1-element
-allreduce after every optimizer step. Run under Horovod, e.g.
+"""The cost per optimizer step of the stop-request agreement (adabatch_hvd.signals), run under Horovod, e.g.
 
     .venv/bin/horovodrun -np 2 -H localhost:2 --gloo .venv/bin/python benchmarks/stop_check.py
     .venv/bin/horovodrun -np 2 -H localhost:2 --mpi .venv/bin/python benchmarks/stop_check.py
 
-Rank 0 prints the median time of one check over N calls, next to the time of one optimizer step of the
-fmnist_cnn and MLP models at the default config's first-stage batch (64 per worker), for scale.
+For the fmnist_cnn and MLP models at the default config's first-stage batch (64 per worker), one
+Accumulator step is timed three ways, interleaved in rounds so that load changes hit all three alike:
+- none: no agreement at all;
+- separate: the agreement as a collective of its own after the step (StopRequest.check, as before);
+- fused: the flag riding on the step's gradient exchange (Accumulator.step's scalars, as now).
+Rank 0 prints each one's median step time and what the agreement adds to a step (median over rounds
+of the per-round difference), in microseconds and as a share of the step.
 """
 
 import statistics
@@ -15,40 +19,53 @@ import time
 import torch
 
 from adabatch_hvd import dist
+from adabatch_hvd.accumulation import Accumulator
 from adabatch_hvd.data import DatasetInfo
 from adabatch_hvd.models import build_model
 from adabatch_hvd.signals import StopRequest
 
 
-def median_seconds(fn, n):
-    times = []
+def timed(fn, n):
+    t = time.perf_counter()
     for _ in range(n):
-        t = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return (time.perf_counter() - t) / n
 
 
-def main(n=2000):
+def main(rounds=30, steps=20):
     dist.init(1)
     stop = StopRequest()
-    check = median_seconds(lambda: (setattr(stop, "agreed", False), stop.check()), n)
     info = DatasetInfo(num_classes=10, in_channels=1, image_size=28)
-    steps = {}
+    lines = []
     for name in ("mlp", "fmnist_cnn"):
+        torch.manual_seed(0)
         model = build_model(name, info)
         opt = dist.distributed_optimizer(torch.optim.SGD(model.parameters(), lr=0.01), model)
-        x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+        acc = Accumulator(model, opt, dist.size())
+        batch = [(torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,)))]
+        size = 64 * dist.size()
 
-        def step():
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-        step()
-        steps[name] = median_seconds(step, 50)
+        def separate():
+            acc.step(batch, size, 1)
+            stop.agreed = False
+            stop.check()
+
+        ways = {"none": lambda: acc.step(batch, size, 1), "separate": separate,
+                "fused": lambda: stop.agree(acc.step(batch, size, 1, stop.flag())[3])}
+        for fn in ways.values():
+            timed(fn, steps)  # warm up
+        times = {k: [] for k in ways}
+        for _ in range(rounds):
+            for k, fn in ways.items():
+                times[k].append(timed(fn, steps))
+        base = statistics.median(times["none"])
+        added = {k: statistics.median(a - b for a, b in zip(times[k], times["none"])) for k in ("separate", "fused")}
+        lines.append(f"  {name}: step {base * 1e3:.2f} ms; agreement adds: separate {added['separate'] * 1e6:.0f} us "
+                     f"({added['separate'] / base:.1%}), fused {added['fused'] * 1e6:.0f} us "
+                     f"({added['fused'] / base:.1%})")
     if dist.is_main():
-        print(f"world size {dist.size()}: stop check {check * 1e6:.0f} us (median of {n}); one optimizer step: "
-              + ", ".join(f"{k} {v * 1e3:.1f} ms ({check / v:.1%})" for k, v in steps.items()))
+        print(f"world size {dist.size()}, {rounds} rounds of {steps} steps each way:")
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":
