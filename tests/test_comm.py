@@ -7,7 +7,7 @@ import pytest
 
 from adabatch_hvd.config import CommConfig
 from adabatch_hvd.errors import UserError
-from conftest import horovodrun, run_worker
+from conftest import WORKERS, horovodrun, run_worker
 
 # fp16 keeps 11 significant bits: each rank's gradient is rounded (relative error <= 2**-11), the
 # sum of the two is rounded again, so an averaged element is within about 3 * 2**-11 = 1.5e-3
@@ -56,3 +56,24 @@ def test_autotune_setting_reaches_horovods_core(tmp_path):
     saved = (run / "config.yaml").read_text()
     assert "compression: fp16" in saved and "fusion_threshold_mb: 1.0" in saved and "autotune: true" in saved
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["epoch"] == 0
+
+
+def test_step_scalars_ride_in_the_gradients_fusion_buffer(tmp_path, controller):
+    """The stop flag's allreduce is fused with the step's gradients: no round trip of its own (Horovod's
+    timeline shows it in the same fused GLOO/MPI allreduce as gradient tensors); its sum is exact."""
+    timeline = tmp_path / "timeline.json"
+    horovodrun([f"--timeline-filename={timeline}", sys.executable, WORKERS / "step_scalars.py", tmp_path],
+               controller=controller)
+    for r in (0, 1):
+        summed = json.loads((tmp_path / f"rank{r}.json").read_text())["summed"]
+        assert summed == [[0.0, 4.0]] * 5 + [[1.0, 4.0]] * 7
+    text = timeline.read_text().strip().rstrip(",")
+    events = json.loads(text if text.endswith("]") else text + "]")
+    names = {e["pid"]: e["args"].get("name") for e in events if e.get("name") == "process_name"}
+    op = "GLOO_ALLREDUCE" if controller == "gloo" else "MPI_ALLREDUCE"
+    starts = [e for e in events if e.get("name") == op and e.get("ph") == "B"]
+    mine = [e["ts"] for e in starts if names[e["pid"]] == "allreduce.step_scalars"]
+    fused = [t for t in mine if any(names[e["pid"]] != "allreduce.step_scalars" and abs(e["ts"] - t) < 50
+                                    for e in starts)]
+    assert len(mine) == 12
+    assert len(fused) >= 9, f"only {len(fused)} of 12 step_scalars allreduces were fused with gradients"
