@@ -67,13 +67,10 @@ def train_main(argv=None) -> int:
         threads = dist.init(cfg.run.threads, cfg.comm.horovod_env())
         me = dist.rank()  # (Horovod may be shut down when it is needed below)
         _setup_logging(dist.rank)
-        if dist.local_rank() == 0:  # once per host
-            log = logging.getLogger("adabatch_hvd.dist")
-            if threads.warning:
-                log.warning(threads.warning)
-            log.info("torch threads per rank: %d (%s)", threads.count, threads.source)
+        if threads.warning and dist.local_rank() == 0:  # once per host
+            logging.getLogger("adabatch_hvd.dist").warning(threads.warning)
         try:
-            trainer = _train(cfg)
+            trainer = _train(cfg, threads)
         except NonFiniteLoss as e:
             print_error(prog, e)
             return EXIT_NON_FINITE
@@ -103,10 +100,10 @@ def train_main(argv=None) -> int:
     return 0
 
 
-def _train(cfg: config.Config):
+def _train(cfg: config.Config, threads):
     from .trainer import Trainer
 
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, threads)
     trainer.fit()  # gives the run dir back; a start that fails before its first step leaves nothing there
     return trainer
 

@@ -100,8 +100,10 @@ class Trainer:
     runs call both again after every reset (see dist.ElasticState).
     """
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, threads=None):
+        """`threads`: dist.init's choice of torch threads, logged (once per host) when training starts."""
         self.cfg = cfg
+        self.threads = threads
         self.stop = StopRequest()  # first: a SIGTERM during set-up stops the run at its first step
         self.device = pick_device(cfg.run.device)
         self.schedule = build_schedule(cfg)
@@ -280,6 +282,9 @@ class Trainer:
             return  # nothing to train (sync said so): no TensorBoard session, no log line in train.log
         self._note_world()  # after a graceful removal there is no sync()
         self.monitor.start(self.plans, self.world, st.epoch, st.global_step)
+        if self.threads is not None and dist.local_rank() == 0:  # once per host and process
+            log.info("torch threads per rank: %d (%s)", self.threads.count, self.threads.source)
+            self.threads = None
         try:
             if st.record_pending:
                 self._publish_epoch(again=True)
