@@ -268,6 +268,7 @@ def test_resume_auto_starts_a_new_run_dir_and_one_that_saved_nothing(tmp_path):
     run = tmp_path / "run"
     first = train("--epochs", "1", "--run-dir", run, "--resume", "auto")
     assert first.returncode == 0 and "resuming" not in first.stderr, first.stderr[-3000:]
+    assert first.stderr.count("torch threads per rank: 1 (from OMP_NUM_THREADS=1)") == 1  # hvd_env sets it
     for name in ("metrics.jsonl", "checkpoints"):  # what a start killed in its first epoch leaves
         shutil_rm(run / name)
     again = train("--epochs", "1", "--run-dir", run, "--resume", "auto")
