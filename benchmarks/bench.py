@@ -352,8 +352,8 @@ def write_results(a, p, out, curves, acc, overhead, comm, prof, log, seconds):
                   st["allreduce_calls_per_step"], st["bytes_per_step"], f"{st['bytes_per_sample']:.0f}")
                  for st in comm["stages"]]), "",
           "One allreduce per parameter tensor per optimizer step at every k; the bytes per sample halve with "
-          "each doubling of the batch. (Besides these, each epoch allreduces 3 numbers of training metrics and "
-          "3 of evaluation metrics.)", ""]
+          "each doubling of the batch. (Besides these, each step's stop flag rides in the gradients' fused "
+          "allreduce, and each epoch allreduces 3 numbers of training metrics and 3 of evaluation metrics.)", ""]
 
     # profile
     s += ["## Where the time goes (torch.profiler, rank 0)", "",
