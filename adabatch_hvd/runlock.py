@@ -5,8 +5,8 @@ dirs to, so the lock is a file put in place with link(2), which is atomic on NFS
 It holds the holder's host, pid, process start time, start date and job token. Rank 0 touches it
 every HEARTBEAT seconds. A lock is stale, and is taken over, when
 
-- its process is gone: the same host (name and boot id) and no process with that pid and start
-  time, which is found at once after a SIGKILL or a crash;
+- its process is gone: the same host (name, boot id and pid namespace) and no process with that pid
+  and start time, which is found at once after a SIGKILL or a crash;
 - or, from another host, its heartbeat has stopped: the file's mtime has not moved for STALE
   seconds, by the file system's own clock (a host death, a preempted node). A start that finds a
   fresh heartbeat from another host watches it for up to STALE seconds: if it moves, the holder lives.
@@ -41,9 +41,12 @@ def new_token() -> str:
     return secrets.token_hex(8)
 
 
-def _boot_id() -> str:
+def _host_id() -> str:
+    """The kernel's boot id and this process's pid namespace: a pid means the same process only where
+    both match (containers on one host, `--network host` ones included, share the boot id and the
+    host name, not the pid namespace)."""
     try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text()[:64].strip()
+        return Path("/proc/sys/kernel/random/boot_id").read_text()[:64].strip() + "/" + os.readlink("/proc/self/ns/pid")
     except OSError:
         return ""
 
@@ -58,7 +61,7 @@ def _start_time(pid: int):
 
 
 def _me(token: str) -> dict:
-    return {"host": socket.gethostname(), "boot_id": _boot_id(), "pid": os.getpid(),
+    return {"host": socket.gethostname(), "host_id": _host_id(), "pid": os.getpid(),
             "start_time": _start_time(os.getpid()), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "token": token}
 
 
@@ -102,7 +105,7 @@ class RunLock:
         self._thread = None
 
     def _same_host(self, holder: dict) -> bool:
-        return holder.get("host") == socket.gethostname() and holder.get("boot_id") == _boot_id()
+        return holder.get("host") == socket.gethostname() and holder.get("host_id") == _host_id() != ""
 
     def _dead(self, holder: dict, mtime: float) -> str | None:
         """Why the holder is gone (watching its heartbeat for up to STALE seconds), or None if it lives."""

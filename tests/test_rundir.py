@@ -368,7 +368,7 @@ def test_a_second_job_on_a_run_dir_is_refused_and_a_killed_ones_lock_is_taken_ov
 
 def lock_file(run, **holder):
     run.mkdir(parents=True, exist_ok=True)
-    (run / ".lock").write_text(json.dumps({"host": "node-elsewhere", "boot_id": "x", "pid": 1, "start_time": 1,
+    (run / ".lock").write_text(json.dumps({"host": "node-elsewhere", "host_id": "x", "pid": 1, "start_time": 1,
                                            "since": "2026-01-01T00:00:00+0000", "token": "other", **holder}))
 
 
@@ -400,6 +400,23 @@ def test_a_lock_from_another_host_is_stale_only_when_its_heartbeat_stops(tmp_pat
     assert lock.holds() and json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
     lock.release()
     assert not (tmp_path / ".lock").exists()
+
+
+def test_a_lock_from_another_pid_namespace_on_this_host_is_judged_by_its_heartbeat(tmp_path, monkeypatch):
+    """Containers on one host (`--network host`: the same host name and boot id) do not share pids: a pid
+    that is not alive here says nothing about a holder in another container, whose heartbeat moves."""
+    from adabatch_hvd import runlock
+
+    monkeypatch.setattr(runlock, "STALE", 1.0)
+    boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    lock_file(tmp_path, host=socket.gethostname(), host_id=f"{boot_id}/pid:[1]", pid=2**22 + 1)
+    os.utime(tmp_path / ".lock")
+    calls = []
+    monkeypatch.setattr(runlock.time, "sleep", lambda s: (calls.append(s), os.utime(tmp_path / ".lock", (
+        time.time() + len(calls), time.time() + len(calls)))))  # the holder's heartbeat moves while we watch
+    with pytest.raises(UserError, match="is in use by another job"):
+        runlock.RunLock(tmp_path, "mine").acquire()
+    assert calls  # it watched the heartbeat: not taken over for a pid missing in this namespace
 
 
 def test_the_same_job_takes_its_lock_over_and_a_lost_race_is_retried(tmp_path):
