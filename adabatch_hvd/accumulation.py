@@ -17,10 +17,20 @@ exchange: their allreduce is started right after the backward passes, while the 
 still in flight, with the gradients' op and dtype (an average of float32), so that Horovod negotiates
 it in the same cycle and fuses it into their buffer; it is waited for after `optimizer.step()` and
 scaled back to a sum. No step pays a round trip of its own for them.
+
+Mixed precision (`precision` bf16 or fp16): each micro-batch's forward pass and loss run under
+autocast (the model's device type; the weights, gradients and optimizer state stay float32).
+fp16 also has a `torch.amp.GradScaler`: every micro-batch's loss is scaled before its backward
+pass; after the last one the allreduces are completed once (`optimizer.synchronize()`), the
+gradients unscaled and checked for inf/NaN, and the step taken under `skip_synchronize()`, or
+skipped. The check sees the *averaged* gradients, identical on every rank (an inf on one rank is an
+inf or NaN in the average everywhere), so every rank skips the same steps and backs off to the same
+scale: the ranks stay in lockstep. fp32 runs exactly the code it ran before there was a choice.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Callable, Iterable, Tuple
 
@@ -28,12 +38,14 @@ import torch
 
 from . import dist
 
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # fp32: no autocast
+
 
 class Accumulator:
     """Runs optimizer steps made of micro-batches; owns the optimizer's backward_passes_per_step."""
 
     def __init__(self, model: torch.nn.Module, optimizer, world_size: int, loss_fn: Callable = None,
-                 oom_guard: bool = False):
+                 oom_guard: bool = False, precision: str = "fp32"):
         self.model = model
         self.optimizer = optimizer  # a horovod DistributedOptimizer (or a plain one for size 1)
         self.world_size = world_size
@@ -41,6 +53,14 @@ class Accumulator:
         self.passes = getattr(optimizer, "backward_passes_per_step", 1)
         self.sync_seconds = 0.0  # time of the last optimizer.step(): waiting for the allreduces
         self.oom_guard = oom_guard  # agree on out-of-memory errors after the backward passes (one small allreduce)
+        self.precision = precision
+        device_type = next(model.parameters(), torch.empty(0)).device.type
+        dtype = AUTOCAST_DTYPES.get(precision)
+        self.autocast = (lambda: torch.autocast(device_type, dtype=dtype)) if dtype else contextlib.nullcontext
+        # fp16 only; its state (scale, growth tracker) is checkpointed and committed with the train state
+        self.scaler = torch.amp.GradScaler(device_type) if precision == "fp16" else None
+        self.skipped = False  # fp16: the last step found inf/NaN gradients and updated nothing
+        self.skipped_steps = 0  # ... how many steps this process skipped
 
     def set_passes(self, passes: int) -> None:
         """Change k; only called between steps, where Horovod's counters may be reset."""
@@ -74,7 +94,11 @@ class Accumulator:
             return None
         handle = None if scalars is None else dist.allreduce_mean_async(scalars.float(), name="step_scalars")
         t0 = time.perf_counter()
-        self.optimizer.step()
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            self.skipped = dist.scaled_step(self.optimizer, self.scaler)
+            self.skipped_steps += self.skipped
         summed = None if handle is None else dist.wait(handle) * self.world_size
         self.sync_seconds = time.perf_counter() - t0
         self.optimizer.zero_grad()
@@ -84,9 +108,11 @@ class Accumulator:
         # A function of its own, so that an exception frees the micro-batch's activations with its frame.
         loss_sum, correct, count = 0.0, 0, 0
         for x, y in micro_batches:
-            out = self.model(x)
-            loss = self.loss_fn(out, y)
-            (loss * (len(y) * self.world_size / step_size)).backward()
+            with self.autocast():
+                out = self.model(x)
+                loss = self.loss_fn(out, y)
+            scaled = loss * (len(y) * self.world_size / step_size)
+            (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
             loss_sum = loss_sum + loss.detach().double() * len(y)
             correct = correct + (out.argmax(1) == y).sum()
             count += len(y)

@@ -63,6 +63,9 @@ class ModelConfig:
     name: str = _f("fmnist_cnn", "model: fmnist_cnn, mlp, resnet20/32/56, vgg19_bn, alexnet, or a torchvision name")
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
 @dataclass
 class OptimConfig:
     """SGD hyperparameters (the paper's setting: momentum 0.9, weight decay 5e-4)."""
@@ -71,8 +74,15 @@ class OptimConfig:
     momentum: float = _f(0.9, "SGD momentum")
     weight_decay: float = _f(5e-4, "L2 weight decay")
     nesterov: bool = _f(False, "Nesterov momentum")
+    precision: str = _f("fp32", "arithmetic of the forward pass: fp32, bf16 (autocast to bfloat16) or fp16 "
+                                "(autocast to float16 with a gradient scaler that skips steps with inf/NaN "
+                                "gradients); weights, gradients and optimizer state stay float32")
 
     def __post_init__(self):
+        self.precision = str(self.precision).strip().lower()
+        if self.precision not in PRECISIONS:
+            raise UserError(f"unknown optim.precision {_show(self.precision)}{suggest(self.precision, PRECISIONS)}; "
+                            f"choose one of {', '.join(PRECISIONS)}")
         if not (self.lr > 0) or math.isinf(self.lr):
             raise UserError(f"learning rate must be a finite number > 0, got {self.lr}")
         if not 0 <= self.momentum < 1:

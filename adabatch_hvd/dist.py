@@ -154,6 +154,27 @@ def discard_gradients(optimizer) -> None:
     optimizer.zero_grad()
 
 
+def scaled_step(optimizer, scaler) -> bool:
+    """One optimizer step under a GradScaler (fp16): complete the allreduces once, unscale the averaged
+    gradients, step unless they hold inf/NaN, update the scale. Returns whether the step was skipped.
+
+    The averaged gradients are the same on every rank, so all ranks skip the same steps and keep the
+    same scale. A plain optimizer (no `synchronize`) is stepped the same way, without the exchange.
+    """
+    before = scaler.get_scale()
+    if hasattr(optimizer, "synchronize"):
+        optimizer.synchronize()
+        scaler.unscale_(optimizer)
+        with optimizer.skip_synchronize():
+            scaler.step(optimizer)
+        optimizer._synchronized = False  # Horovod 0.28.1: a skipped step() would leave it set
+    else:
+        scaler.unscale_(optimizer)
+        scaler.step(optimizer)
+    scaler.update()
+    return scaler.get_scale() < before  # update() backs the scale off exactly when it found inf/NaN
+
+
 def barrier() -> None:
     hvd.barrier()
 

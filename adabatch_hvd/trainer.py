@@ -72,13 +72,17 @@ class TrainState:
     record_pending: bool = False  # last_record is not written out yet (an elastic reset came first)
     micro: MicroBatchTuner = field(default_factory=MicroBatchTuner)
     """schedule.max_micro_batch=auto: the micro-batch chosen per stage (a resume does not probe again)"""
+    scaler: torch.amp.GradScaler | None = None
+    """optim.precision=fp16: the accumulator's gradient scaler, whose scale and growth tracker are saved,
+    broadcast and committed with the rest, so that a resume or a rollback scales as the run would have"""
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "offset": self.offset, "global_step": self.global_step,
                 "partial_sums": self.partial.clone(), "partial_seconds": self.partial_seconds,
                 "world_size": self.world_size, "resizes": copy.deepcopy(self.resizes),
                 "last_record": copy.deepcopy(self.last_record), "record_pending": self.record_pending,
-                "micro_batch": self.micro.state_dict()}
+                "micro_batch": self.micro.state_dict(),
+                **({"grad_scaler": self.scaler.state_dict()} if self.scaler is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.offset, self.global_step = state["epoch"], state["offset"], state["global_step"]
@@ -90,6 +94,8 @@ class TrainState:
         self.last_record = copy.deepcopy(state.get("last_record"))
         self.record_pending = state.get("record_pending", False)
         self.micro.load_state_dict(state.get("micro_batch", {}))
+        if self.scaler is not None and state.get("grad_scaler"):  # none: fp32/bf16 or an earlier version
+            self.scaler.load_state_dict(state["grad_scaler"])
 
 
 class Trainer:
@@ -131,8 +137,8 @@ class Trainer:
         self.auto_micro = cfg.schedule.max_micro_batch == "auto"
         # On CUDA, auto also survives out-of-memory errors: the ranks agree on them after each step's passes.
         self.acc = Accumulator(self.model, self.optimizer, dist.size(),
-                               oom_guard=self.auto_micro and self.device.type == "cuda")
-        self.state = TrainState()
+                               oom_guard=self.auto_micro and self.device.type == "cuda", precision=o.precision)
+        self.state = TrainState(scaler=self.acc.scaler)  # fp16: the scaler's state travels with the train state
         self.resumed_from = None  # pruning keeps it for as long as this process runs
         self.config_changes = {}  # rank 0: what a resume changed, {key: (old, new)}
         self.monitor, self.log_file = None, None
