@@ -5,8 +5,11 @@
 # The same script runs on a workstation, in CI and inside the Dockerfile. Everything slow is
 # cached outside the repository under $ADABATCH_CACHE (default ~/.cache/adabatch-hvd):
 #   wheels/<key>/horovod-*.whl   keyed by Horovod version, torch version, patch hash, and the
-#                                flavour: _cpu, or _gpu-NCCL-cuda<ver>-nccl<ver>
-#   venvs/<key>/                 the shared environment (packages only, ~5.8 GB)
+#                                flavour: _cpu, or _gpu-NCCL-cuda<ver>, whose wheel lies one level
+#                                down in nccl<NCCL_VERSION_CODE>-<source>-<link>-sm<archs>/ (see
+#                                launch/build-horovod.sh; the version is read from the nccl.h used)
+#   venvs/<key>/                 the shared environment (packages only, ~5.8 GB); the GPU flavour
+#                                gets one of its own (another Horovod wheel in it)
 # Each checkout gets its own thin .venv over the shared environment, with this checkout
 # installed editable (section 5). A repeated run finds the finished environment (stamp file)
 # and only re-installs the package in editable mode, which takes seconds.
@@ -17,6 +20,9 @@
 #                             Python instead of a venv (used by the Dockerfile)
 #   HOROVOD_GPU_OPERATIONS    NCCL for GPU images (needs a CUDA toolkit at $CUDA_HOME, default
 #                             /usr/local/cuda). Unset: the CPU flavour, which never looks for CUDA.
+#                             NCCL is torch's own (its wheel's libnccl.so.2, linked shared) unless
+#                             HOROVOD_NCCL_HOME or NCCL_HOME names another; HOROVOD_NCCL_LINK and
+#                             HOROVOD_BUILD_CUDA_CC_LIST as in launch/build-horovod.sh.
 #   ADABATCH_SKIP_APT=1       do not touch system packages (they must already be present)
 #   ADABATCH_TEST_CLUSTER=0   leave out the multi-node test cluster's packages (Slurm, munge, ...)
 set -euo pipefail
@@ -82,17 +88,23 @@ PATCH_HASH=$(hash_of <"$PATCH")
 "$PYTHON" -c 'import os, sysconfig; assert os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h"))' \
   2>/dev/null || die "Python.h not found for $PYTHON (Debian/Ubuntu: apt-get install python3-dev)"
 GPU_TAG="_cpu"
+NCCL_CHOICE=()
 if [ -n "$GPU_OPS" ]; then
-  # NCCL is linked statically: a new CUDA toolkit or NCCL must not reuse an old cached wheel.
+  # A new CUDA toolkit must not reuse an old cached wheel; build-horovod.sh keys it by NCCL too.
   cuda_home=${CUDA_HOME:-/usr/local/cuda}
   [ -x "$cuda_home/bin/nvcc" ] \
     || die "HOROVOD_GPU_OPERATIONS=$GPU_OPS needs a CUDA toolkit, but $cuda_home/bin/nvcc does not exist (set CUDA_HOME, or unset HOROVOD_GPU_OPERATIONS for a CPU-only set-up)"
   nvcc_ver=$("$cuda_home/bin/nvcc" --version 2>/dev/null | sed -n 's/.*release \([0-9.]*\).*/\1/p')
-  nccl_ver=$(sed -n 's/^#define NCCL_VERSION_CODE \([0-9]*\).*/\1/p' /usr/include/nccl.h "$cuda_home/include/nccl.h" 2>/dev/null | head -n1)
-  GPU_TAG="_gpu-${GPU_OPS}-cuda${nvcc_ver:-unknown}-nccl${nccl_ver:-unknown}"
+  GPU_TAG="_gpu-${GPU_OPS}-cuda${nvcc_ver:-unknown}"
+  # The environment holds one wheel, so another NCCL choice is another environment. torch's own
+  # NCCL (the default) follows TORCH_VERSION; another one is keyed by its nccl.h.
+  nccl_home=${HOROVOD_NCCL_HOME:-${NCCL_HOME:-}}
+  NCCL_CHOICE=("nccl ${nccl_home:-torch} ${HOROVOD_NCCL_LINK:-SHARED} ${HOROVOD_BUILD_CUDA_CC_LIST:-torch}"
+               "$(grep -s '^#define NCCL_VERSION_CODE' "$nccl_home/include/nccl.h" || true)")
 fi
 WHEEL_KEY="horovod-${HOROVOD_VERSION}_torch-${TORCH_VERSION}_py${PYVER}_patch-${PATCH_HASH}${GPU_TAG}"
-ENV_KEY=$(printf '%s\n' "$WHEEL_KEY" "$TORCHVISION_VERSION" "${PIP_PACKAGES[@]}" "${TEST_PACKAGES[@]}" | hash_of)
+ENV_KEY=$(printf '%s\n' "$WHEEL_KEY" "${NCCL_CHOICE[@]}" "$TORCHVISION_VERSION" "${PIP_PACKAGES[@]}" "${TEST_PACKAGES[@]}" \
+          | hash_of)
 WHEEL_DIR="$CACHE/wheels/$WHEEL_KEY"
 
 # ---- 3. environment ------------------------------------------------------------------------
@@ -177,11 +189,12 @@ fi
 # which in setuptools 80 calls pip again with build isolation and so needs the network.
 pip_quiet "$OWN_PY" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation --use-pep517 -e "$ROOT" \
   || die "pip install -e $ROOT failed"
-"$OWN_PY" - "$ROOT" <<'EOF' || die "horovod.torch does not import, lacks Gloo/MPI, or adabatch_hvd is not this checkout's"
+"$OWN_PY" - "$ROOT" "$GPU_OPS" <<'EOF' || die "horovod.torch does not import, lacks Gloo/MPI (or NCCL), or adabatch_hvd is not this checkout's"
 import os, sys
 import horovod.torch as hvd
 import adabatch_hvd
 assert hvd.gloo_built() and hvd.mpi_built(), (hvd.gloo_built(), hvd.mpi_built())
+assert bool(hvd.nccl_built()) == (sys.argv[2] == "NCCL"), hvd.nccl_built()
 here = os.path.realpath(os.path.join(sys.argv[1], "adabatch_hvd"))
 assert os.path.realpath(os.path.dirname(adabatch_hvd.__file__)) == here, (adabatch_hvd.__file__, here)
 EOF
