@@ -324,7 +324,10 @@ class Trainer:
         for step, size, samples, micro in self._steps(plan):
             self._set_lr(self.schedule.lr_at(st.epoch + step.start / n))
             t_step = time.perf_counter()
-            result = self.acc.step(micro, step.size, sampler.passes_per_step(step, self.world, size), self.stop.flag())
+            # The stop flag rides on the step's gradient exchange; an elastic run agrees on it with a collective of
+            # its own (a host dying mid-step left the survivors' fused Gloo buffers of different sizes: see README).
+            flag = self.stop.flag() if self.elastic is None else None
+            result = self.acc.step(micro, step.size, sampler.passes_per_step(step, self.world, size), flag)
             if result is None:  # a rank ran out of memory; nothing was updated: redo the step smaller
                 self._out_of_memory(plan, size)
                 continue
@@ -347,7 +350,8 @@ class Trainer:
                 self._choose_micro_batch(plan)
             if self.resize is not None:
                 self._report_resize()
-            if self.stop.agree(flags) or steps_this_process == cfg.run.stop_after_steps:
+            stop = self.stop.agree(flags) if flag is not None else self.stop.check()
+            if stop or steps_this_process == cfg.run.stop_after_steps:
                 self._fold(local, time.perf_counter() - t0)
                 self._save()  # a clean stop keeps its exact position
                 dist.barrier()  # no rank exits (and makes the launcher kill the others) before it is written

@@ -76,4 +76,7 @@ def test_step_scalars_ride_in_the_gradients_fusion_buffer(tmp_path, controller):
     fused = [t for t in mine if any(names[e["pid"]] != "allreduce.step_scalars" and abs(e["ts"] - t) < 50
                                     for e in starts)]
     assert len(mine) == 12
-    assert len(fused) >= 9, f"only {len(fused)} of 12 step_scalars allreduces were fused with gradients"
+    # Enqueued just after the backward passes, the flag joins the last gradients' cycle unless Horovod's
+    # background thread started that cycle in between (seen for 4 of 12 steps under a load of 8 on 2
+    # cores; 12 of 12 on a quieter machine). A flag allreduced on its own after the step would be 0 of 12.
+    assert len(fused) >= 4, f"only {len(fused)} of 12 step_scalars allreduces were fused with gradients"
