@@ -19,9 +19,6 @@ from . import config, sampler, signals
 from .errors import (EXIT_DISK_FULL, EXIT_INTERRUPTED, EXIT_LOST_PEERS, EXIT_NON_FINITE, EXIT_STOPPED, EXIT_USER,
                      DiskFull, NonFiniteLoss, OneLineParser, UserError, print_error)
 
-# Training-set sizes, so that adabatch-plan works without the data on disk.
-TRAIN_SIZES = {"fashion-mnist": 60000, "cifar10": 50000, "cifar100": 50000, "imagenet": 1281167}
-
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     p = OneLineParser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -162,7 +159,8 @@ def plan_main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         cfg = config.from_args(args.config, _overrides(args))
-        n = args.num_samples or TRAIN_SIZES.get(cfg.data.name) or cfg.data.synthetic_samples
+        known = config.DATA_SETS.get(cfg.data.name)  # the registry's size: no data on disk needed
+        n = args.num_samples or (known and known.train_size) or cfg.data.synthetic_samples
         if n <= 0:
             raise UserError(f"--num-samples must be > 0, got {n}")
         print(plan_table(cfg, args.world_size, n))

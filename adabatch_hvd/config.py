@@ -13,27 +13,46 @@ import re
 import reprlib
 import typing
 from dataclasses import dataclass, field
-from typing import List, Optional, Union
+from typing import Dict, List, Optional
 
 import yaml
 
 from .errors import UserError, suggest
 from .limits import MAX_CONFIG_BYTES, read_limited
-from .schedule import MAX_EPOCHS, Schedule, parse_stages
+from .schedule import MAX_EPOCHS, Schedule, ScheduleConfig, _f, check_lr
 
 
-def _f(default, help: str, **kw):
-    """A field with a default and its --help text; `parse` (optional) reads the raw YAML/flag value."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
+@dataclass(frozen=True)
+class DataSet:
+    """A data set a run can name (data.name): the registry's entry."""
+
+    train_size: Optional[int]  # training samples (adabatch-plan's default); None: data.synthetic_samples
+    root: str  # where it is read from when data.root is not given
+    reader: Optional[str]  # the function in data.py that reads it; None: generated (synthetic)
+
+
+# The data sets, by name: the one list (data.py builds them from it; adabatch-plan reads the sizes
+# without loading anything, and without importing torch).
+DATA_SETS: Dict[str, DataSet] = {
+    "fashion-mnist": DataSet(60000, "/usr/share/datasets/fashion-mnist", "_fashion_mnist"),
+    "cifar10": DataSet(50000, "data/cifar10", "_cifar"),
+    "cifar100": DataSet(50000, "data/cifar100", "_cifar"),
+    "imagenet": DataSet(1281167, "data/imagenet", "_imagenet"),
+    "synthetic": DataSet(None, "", None),
+}
+
+
+def _one_of(names) -> str:
+    """'a, b or c'."""
+    names = list(names)
+    return f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else "".join(names)
 
 
 @dataclass
 class DataConfig:
     """Which data set, where it lives and how it is loaded."""
 
-    name: str = _f("fashion-mnist", "data set: fashion-mnist, cifar10, cifar100, imagenet or synthetic")
+    name: str = _f("fashion-mnist", f"data set: {_one_of(DATA_SETS)}")
     root: Optional[str] = _f(None, "data directory (default: the data set's standard place, see README)")
     augment: bool = _f(True, "train-time augmentation (random crop + flip)")
     workers: int = _f(0, "DataLoader worker processes per rank (ImageNet only; in-memory sets ignore it)")
@@ -83,39 +102,11 @@ class OptimConfig:
         if self.precision not in PRECISIONS:
             raise UserError(f"unknown optim.precision {_show(self.precision)}{suggest(self.precision, PRECISIONS)}; "
                             f"choose one of {', '.join(PRECISIONS)}")
-        if not (self.lr > 0) or math.isinf(self.lr):
-            raise UserError(f"learning rate must be a finite number > 0, got {self.lr}")
+        check_lr(self.lr)
         if not 0 <= self.momentum < 1:
             raise UserError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0:
             raise UserError(f"weight decay must be >= 0, got {self.weight_decay}")
-
-
-@dataclass
-class ScheduleConfig:
-    """The AdaBatch schedule: batch growth, LR rule and the per-worker memory cap."""
-
-    epochs: int = _f(6, "number of epochs")
-    initial_batch: int = _f(128, "initial global batch B0 (all workers together)")
-    growth_factor: float = _f(2.0, "batch multiplier at each stage boundary")
-    interval: int = _f(2, "epochs per stage (ignored when stages is given)")
-    stages: List[str] = _f([], "explicit stages as epoch:global_batch, e.g. 0:128,20:256 (overrides interval); "
-                               "in YAML also a mapping {0: 128, 20: 256}", parse=lambda v: _stage_list(v))
-    max_batch: Optional[int] = _f(None, "largest global batch; growth stops there")
-    mode: str = _f("adaptive", "adaptive (AdaBatch) or fixed (baseline: same LR decay, constant batch)")
-    scaling: str = _f("linear", "LR scaling rule in the batch: linear, sqrt or none")
-    lr_decay: float = _f(0.375, "LR step decay at each stage boundary (paper: 0.375; AdaBatch x2 gives 0.75)")
-    warmup_epochs: float = _f(0.0, "linear LR warmup length in epochs (Goyal et al.); 0 = off")
-    warmup_start_factor: float = _f(0.1, "warmup starts at this fraction of the LR")
-    reference_batch: Optional[int] = _f(None, "if set, optim.lr is the LR per this many samples (e.g. 256)")
-    max_micro_batch: Optional[Union[int, str]] = _f(
-        None, "per-worker memory cap: larger per-worker batches are accumulated; 'auto' times a few divisors of "
-              "the per-worker batch at the start of each stage and keeps the fastest that fits (on CUDA an "
-              "out-of-memory error halves it and redoes the step)", metavar="N|auto")
-
-    def __post_init__(self):
-        if isinstance(self.max_micro_batch, str) and self.max_micro_batch != "auto":
-            raise UserError(f"schedule.max_micro_batch must be a number > 0 or 'auto', got '{self.max_micro_batch}'")
 
 
 COMPRESSIONS = ("none", "fp16")
@@ -321,15 +312,6 @@ def _show(value) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _stage_list(value):
-    """Stages as 'E:B' strings, from a list of them, a comma-separated string, a mapping {E: B} or [E, B] pairs."""
-    if isinstance(value, dict):
-        return [f"{e}:{b}" for e, b in value.items()]
-    if isinstance(value, (list, tuple)):
-        return [f"{v[0]}:{v[1]}" if isinstance(v, (list, tuple)) and len(v) == 2 else v for v in value]
-    return value
-
-
 def _resume_value(value):
     """`resume: true` (YAML) or `--resume yes` mean the newest checkpoint; false/no mean a fresh run."""
     word = str(value).strip().lower()
@@ -367,14 +349,13 @@ def _build(raw: dict) -> Config:
 
 
 def build_schedule(cfg: Config) -> Schedule:
-    """The pure schedule object described by a config."""
-    s = cfg.schedule
-    return Schedule(
-        initial_batch=s.initial_batch, epochs=s.epochs, lr=cfg.optim.lr, growth_factor=s.growth_factor,
-        interval=s.interval, stages=parse_stages(s.stages), max_batch=s.max_batch, mode=s.mode,
-        scaling=s.scaling, lr_decay=s.lr_decay, warmup_epochs=s.warmup_epochs,
-        warmup_start_factor=s.warmup_start_factor, reference_batch=s.reference_batch,
-    )
+    """The run's schedule: its `schedule:` section with optim.lr, checked. Built once and kept on the
+    config while neither changes (sections are plain mutable objects; a changed field builds anew)."""
+    key = (dataclasses.astuple(cfg.schedule), cfg.optim.lr)
+    built = cfg.__dict__.get("_schedule")
+    if built is None or built[0] != key:
+        built = cfg._schedule = (key, Schedule.of(cfg.schedule, cfg.optim.lr))  # not a field: not saved or compared
+    return built[1]
 
 
 class _Loader(yaml.SafeLoader):

@@ -21,20 +21,14 @@ from typing import Iterable, Iterator, Protocol, Sequence
 import torch
 import torch.nn.functional as F
 
+from .config import DATA_SETS
 from .errors import UserError, one_line, suggest
 from .limits import MAX_IDX_BYTES, MAX_PICKLE_BYTES, size_text
 
 MAX_SAMPLES = 100_000_000  # of an in-memory data set: its labels alone take 800 MB
 MAX_CLASSES = 100_000  # ImageNet-21k has 21,841
 MAX_CHANNELS = 1024  # of synthetic images; real ones have 1 or 3
-DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagenet", "synthetic")
-DEFAULT_ROOTS = {
-    "fashion-mnist": "/usr/share/datasets/fashion-mnist",
-    "cifar10": "data/cifar10",
-    "cifar100": "data/cifar100",
-    "imagenet": "data/imagenet",
-    "synthetic": "",
-}
+DATASETS = tuple(DATA_SETS)  # the names, in the registry's order (config.DATA_SETS: sizes, roots, readers)
 
 # (padding for the random crop, per-channel mean, per-channel std) of the training images.
 _FASHION = (2, (0.2860,), (0.3530,))
@@ -298,7 +292,7 @@ def _check_labels(name: str, labels: torch.Tensor, num_classes: int, where: str,
                         f"(e.g. {bad[0].item()}); {hint}")
 
 
-def _fashion_mnist(root: str, train: bool, augment: bool, seed: int) -> InMemoryImages:
+def _fashion_mnist(name: str, root: str, train: bool, augment: bool, seed: int) -> InMemoryImages:
     from torchvision.datasets.mnist import read_image_file, read_label_file
 
     prefix = "train" if train else "t10k"
@@ -369,7 +363,7 @@ def _cifar(name: str, root: str, train: bool, augment: bool, seed: int) -> InMem
     return InMemoryImages(images, labels, info, mean, std, pad=pad, augment=augment and train, seed=seed)
 
 
-def _imagenet(root: str, train: bool, augment: bool, seed: int) -> FolderImages:
+def _imagenet(name: str, root: str, train: bool, augment: bool, seed: int) -> FolderImages:
     from torchvision import transforms as T
     from torchvision.datasets import ImageFolder
     from torchvision.datasets.folder import find_classes
@@ -407,13 +401,10 @@ def build_dataset(name: str, root: str | None, train: bool, *, augment: bool = T
     """
     if name not in DATASETS:
         raise UserError(f"unknown data set {name!r}{suggest(name, DATASETS)}; choose one of {', '.join(DATASETS)}")
-    root = DEFAULT_ROOTS[name] if root is None else str(root)
-    if name == "fashion-mnist":
-        return _fashion_mnist(root, train, augment, seed)
-    if name in ("cifar10", "cifar100"):
-        return _cifar(name, root, train, augment, seed)
-    if name == "imagenet":
-        return _imagenet(root, train, augment, seed)
+    entry = DATA_SETS[name]
+    root = entry.root if root is None else str(root)
+    if entry.reader:  # a reader of files: (name, root, train, augment, seed)
+        return globals()[entry.reader](name, root, train, augment, seed)
     shape = tuple(int(s) for s in synthetic_shape)
     if len(shape) != 3 or shape[1] != shape[2] or min(shape) < 1 or shape[0] > MAX_CHANNELS:
         raise UserError(f"synthetic_shape must be (channels, size, size) with 1..{MAX_CHANNELS} channels, got "

@@ -30,6 +30,12 @@ def init(threads: int = 0, horovod_env: dict | None = None) -> ThreadChoice:
     return choice
 
 
+def horovod_version() -> str:
+    import horovod
+
+    return str(horovod.__version__)
+
+
 def rank() -> int:
     return hvd.rank()
 
@@ -112,28 +118,9 @@ def elastic_launch() -> bool:
     return os.environ.get("HOROVOD_ELASTIC") == "1"
 
 
-class ElasticState(State):
-    """Horovod's elastic state, delegating to an owner with commit_save/commit_restore/sync/bind_world.
-
-    Not TorchState: its sync() calls hvd.broadcast_optimizer_state, which changes the weights under
-    weight decay (see broadcast_state); the owner syncs with broadcast_state instead.
-    """
-
-    def __init__(self, owner):
-        self.owner = owner
-        super().__init__(bcast_object=broadcast_object, get_rank=rank)
-
-    def save(self):
-        self.owner.commit_save()
-
-    def restore(self):
-        self.owner.commit_restore()
-
-    def sync(self):
-        self.owner.sync()
-
-    def reset(self):
-        self.owner.bind_world()
+# Horovod's elastic state, subclassed by elastic.ElasticWorld. Not TorchState: its sync() calls
+# hvd.broadcast_optimizer_state, which changes the weights under weight decay (see broadcast_state).
+ElasticState = State
 
 
 def run_elastic(func, state: ElasticState):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import logging.handlers
 import os
 import shutil
 import tempfile
@@ -266,6 +267,65 @@ def truncate_metrics(path: Path, epoch: int) -> None:
     text = "".join(json.dumps(r) + "\n" for r in keep)
     if text != _metrics_text(path):
         atomic_write(path, lambda f: f.write(text.encode()))
+
+
+class Records:
+    """metrics.jsonl of a run dir (rank 0): one record per finished epoch, each written exactly once."""
+
+    def __init__(self, run_dir):
+        self.path = Path(run_dir) / METRICS
+
+    def append(self, record: dict) -> None:
+        """Append an epoch's record, replacing one of the same epoch (written before an elastic reset)."""
+        truncate_metrics(self.path, record["epoch"])
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def has(self, epoch: int, global_step: int) -> bool:
+        """Whether the record of this epoch, ended at this step, is written (matched by epoch and step,
+        not by content: a copy restored from another rank has other timings)."""
+        return any((r["epoch"], r.get("global_step")) == (epoch, global_step) for r in read_metrics(self.path))
+
+    def resume_at(self, epoch: int, last: dict | None, source) -> None:
+        """A resume at the start of `epoch`: drop later records, and restore the last finished epoch's
+        record from the checkpoint (`last`) if a crash came between the checkpoint and the record."""
+        truncate_metrics(self.path, epoch)
+        if last and all(r["epoch"] != last["epoch"] for r in read_metrics(self.path)):
+            self.append(last)
+            log.warning("%s lacked the record of epoch %d: restored it from checkpoint %s", self.path, last["epoch"],
+                        source)
+
+
+class RunLog:
+    """Rank 0's train.log. A start's lines are buffered until it is known that the start trains (a start
+    refused, or with nothing to train, leaves the run dir's files as they were), then written out."""
+
+    def __init__(self):
+        self.package = logging.getLogger("adabatch_hvd")
+        self.buffer, self.file = None, None
+
+    def hold(self) -> None:
+        self.buffer = logging.handlers.MemoryHandler(100000, logging.CRITICAL + 1)
+        self.package.addHandler(self.buffer)
+
+    def open(self, path: Path | None) -> None:
+        """Write to `path` (with the lines held so far); None: drop what was held, write nothing."""
+        if path is not None:
+            self.file = logging.FileHandler(path)
+            self.file.setFormatter(logging.root.handlers[0].formatter if logging.root.handlers else None)
+            self.package.addHandler(self.file)
+            if self.buffer is not None:
+                self.buffer.setTarget(self.file)
+                self.buffer.flush()
+        if self.buffer is not None:
+            self.package.removeHandler(self.buffer)
+            self.buffer = None
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.package.removeHandler(self.file)
+            self.file.close()
+            self.file = None
 
 
 # ---- config.yaml and its history -----------------------------------------------------------------

@@ -1,7 +1,8 @@
 """AdaBatch stage schedule: per-epoch global batch, micro-batching and learning rate.
 
 Pure Python (no torch, no horovod), so every stage, world size and edge case is testable in
-milliseconds.
+milliseconds. `ScheduleConfig` is the config's `schedule:` section (settings, defaults, help);
+`Schedule` is that section plus optim.lr, checked, with the rules below.
 
 The rule (Devarakonda, Naumov, Garland, arXiv 1712.02029): the global batch r starts at B0 and
 grows by a factor at stage boundaries (every `interval` epochs, or at explicit epochs), up to a
@@ -16,8 +17,8 @@ from __future__ import annotations
 
 import bisect
 import math
-from dataclasses import dataclass, replace
-from typing import Optional, Sequence, Tuple
+from dataclasses import FrozenInstanceError, dataclass, field, fields, replace
+from typing import List, Optional, Sequence, Tuple, Union
 
 from .errors import UserError
 
@@ -45,78 +46,120 @@ class EpochPlan:
     lr: float
 
 
-@dataclass(frozen=True)
-class Schedule:
-    """The AdaBatch schedule of a run; `resolve`/`plan` turn it into per-epoch numbers."""
+def _f(default, help: str, **kw):
+    """A config field with its default and --help text; `parse` (optional) reads the raw YAML/flag value.
+    (config.py declares its sections with it too: this module sits below config.py and holds one.)"""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
 
-    initial_batch: int
-    epochs: int
-    lr: float
-    growth_factor: float = 2.0
-    interval: int = 20
-    stages: Tuple[Tuple[int, int], ...] = ()
-    max_batch: Optional[int] = None
-    mode: str = "adaptive"
-    scaling: str = "linear"
-    lr_decay: float = 0.375
-    warmup_epochs: float = 0.0
-    warmup_start_factor: float = 0.1
-    reference_batch: Optional[int] = None
+
+@dataclass
+class ScheduleConfig:
+    """The `schedule:` section: batch growth, LR rule and the per-worker memory cap.
+
+    The one definition of these settings, their defaults and their checks: a `Schedule` is this
+    section plus the base learning rate (optim.lr), and is checked whole when it is built.
+    """
+
+    epochs: int = _f(6, "number of epochs")
+    initial_batch: int = _f(128, "initial global batch B0 (all workers together)")
+    growth_factor: float = _f(2.0, "batch multiplier at each stage boundary")
+    interval: int = _f(2, "epochs per stage (ignored when stages is given)")
+    stages: List[str] = _f([], "explicit stages as epoch:global_batch, e.g. 0:128,20:256 (overrides interval); "
+                               "in YAML also a mapping {0: 128, 20: 256}", parse=lambda v: _stage_list(v))
+    max_batch: Optional[int] = _f(None, "largest global batch; growth stops there")
+    mode: str = _f("adaptive", "adaptive (AdaBatch) or fixed (baseline: same LR decay, constant batch)")
+    scaling: str = _f("linear", "LR scaling rule in the batch: linear, sqrt or none")
+    lr_decay: float = _f(0.375, "LR step decay at each stage boundary (paper: 0.375; AdaBatch x2 gives 0.75)")
+    warmup_epochs: float = _f(0.0, "linear LR warmup length in epochs (Goyal et al.); 0 = off")
+    warmup_start_factor: float = _f(0.1, "warmup starts at this fraction of the LR")
+    reference_batch: Optional[int] = _f(None, "if set, optim.lr is the LR per this many samples (e.g. 256)")
+    max_micro_batch: Optional[Union[int, str]] = _f(
+        None, "per-worker memory cap: larger per-worker batches are accumulated; 'auto' times a few divisors of "
+              "the per-worker batch at the start of each stage and keeps the fastest that fits (on CUDA an "
+              "out-of-memory error halves it and redoes the step)", metavar="N|auto")
 
     def __post_init__(self):
-        object.__setattr__(self, "stages", tuple((int(e), int(b)) for e, b in self.stages))
+        if isinstance(self.max_micro_batch, str) and self.max_micro_batch != "auto":
+            raise UserError(f"schedule.max_micro_batch must be a number > 0 or 'auto', got '{self.max_micro_batch}'")
+
+
+@dataclass
+class Schedule(ScheduleConfig):
+    """The AdaBatch schedule of a run: the `schedule:` section's settings (stages parsed into
+    ((epoch, global_batch), ...)) plus the base learning rate; `resolve`/`plan` turn it into
+    per-epoch numbers. Every setting is checked here, once; a Schedule cannot be changed once built."""
+
+    lr: float = None  # optim.lr; required (None only because the fields above have defaults)
+
+    @classmethod
+    def of(cls, section: ScheduleConfig, lr: float) -> "Schedule":
+        """The schedule of a config's `schedule:` section and its optim.lr."""
+        return cls(**{f.name: getattr(section, f.name) for f in fields(ScheduleConfig)}, lr=lr)
+
+    def __setattr__(self, name, value):
+        if self.__dict__.get("_built"):
+            raise FrozenInstanceError(f"cannot assign to field {name!r}: a Schedule is fixed once built")
+        super().__setattr__(name, value)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.lr is None:
+            raise TypeError("Schedule() needs the learning rate: lr=... (optim.lr)")
+        self.stages = parse_stages(self.stages)
         if not 0 < self.epochs <= MAX_EPOCHS:
-            raise UserError(f"epochs must be > 0, got {self.epochs}" if self.epochs <= 0 else
-                            f"epochs must be at most {MAX_EPOCHS}, got {self.epochs}")
-        if not self.lr > 0 or math.isinf(self.lr):
-            raise UserError(f"learning rate must be a finite number > 0, got {self.lr}")
+            raise UserError(f"schedule.epochs must be > 0, got {self.epochs}" if self.epochs <= 0 else
+                            f"schedule.epochs must be at most {MAX_EPOCHS}, got {self.epochs}")
+        check_lr(self.lr)
         if self.mode not in MODES:
-            raise UserError(f"unknown schedule mode {self.mode!r}; choose one of {', '.join(MODES)}")
+            raise UserError(f"unknown schedule.mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if self.scaling not in SCALING_RULES:
-            raise UserError(f"unknown LR scaling rule {self.scaling!r}; choose one of {', '.join(SCALING_RULES)}")
+            raise UserError(f"unknown schedule.scaling {self.scaling!r} (the LR scaling rule); choose one of "
+                            f"{', '.join(SCALING_RULES)}")
         if not 0 < self.lr_decay <= 1:
-            raise UserError(f"lr_decay must be in (0, 1], got {self.lr_decay} (1 means no step decay)")
+            raise UserError(f"schedule.lr_decay must be in (0, 1], got {self.lr_decay} (1 means no step decay)")
         if not 0 <= self.warmup_epochs < math.inf:
-            raise UserError(f"warmup_epochs must be a finite number >= 0, got {self.warmup_epochs}")
+            raise UserError(f"schedule.warmup_epochs must be a finite number >= 0, got {self.warmup_epochs}")
         if not 0 < self.warmup_start_factor <= 1:
-            raise UserError(f"warmup_start_factor must be in (0, 1], got {self.warmup_start_factor}")
+            raise UserError(f"schedule.warmup_start_factor must be in (0, 1], got {self.warmup_start_factor}")
         if self.reference_batch is not None and self.reference_batch <= 0:
-            raise UserError(f"reference_batch must be > 0, got {self.reference_batch}")
+            raise UserError(f"schedule.reference_batch must be > 0, got {self.reference_batch}")
         if self.stages:
             self._check_stages()
         else:
             if self.initial_batch <= 0:
-                raise UserError(f"initial batch must be > 0, got {self.initial_batch}")
+                raise UserError(f"schedule.initial_batch must be > 0, got {self.initial_batch}")
             if self.interval <= 0:
-                raise UserError(f"stage interval must be > 0 epochs, got {self.interval}")
+                raise UserError(f"schedule.interval must be > 0 epochs, got {self.interval}")
             if self.mode == "adaptive" and not self.growth_factor > 1:
-                raise UserError(
-                    f"growth factor must be > 1, got {self.growth_factor} (use mode=fixed for a constant batch)"
-                )
+                raise UserError(f"schedule.growth_factor must be > 1, got {self.growth_factor} "
+                                f"(use schedule.mode=fixed for a constant batch)")
             if not self.growth_factor < math.inf:
-                raise UserError(f"growth factor must be a finite number, got {self.growth_factor}")
+                raise UserError(f"schedule.growth_factor must be a finite number, got {self.growth_factor}")
         if self.max_batch is not None and self.max_batch < self.first_batch:
-            raise UserError(
-                f"max batch {self.max_batch} is below the initial batch {self.first_batch}; "
-                f"raise max_batch or lower the initial batch"
-            )
+            raise UserError(f"schedule.max_batch {self.max_batch} is below the initial batch {self.first_batch}; "
+                            f"raise schedule.max_batch or lower the initial batch")
         for stage, e in enumerate(self.boundaries()):  # non-integral growth (e.g. 1.5 x 5) shows up here
             batch, lr = self.global_batch(e), self.lr_at(e)
             if batch > MAX_BATCH:
                 raise _too_big(e, stage)
             if not 0 < lr < math.inf:
                 raise UserError(f"the learning rate becomes {lr} at epoch {e} (stage {stage}); it must stay a finite "
-                                f"number > 0: change optim.lr, lr_decay or the scaling rule")
+                                f"number > 0: change optim.lr, schedule.lr_decay or schedule.scaling")
+        self._built = True
 
     def _check_stages(self):
         epochs = [e for e, _ in self.stages]
         if epochs[0] != 0:
-            raise UserError(f"the first stage must start at epoch 0, got '{epochs[0]}:{self.stages[0][1]}'")
+            raise UserError(f"schedule.stages: the first stage must start at epoch 0, got "
+                            f"'{epochs[0]}:{self.stages[0][1]}'")
         if any(b <= a for a, b in zip(epochs, epochs[1:])):
-            raise UserError(f"stage epochs must be strictly increasing, got {epochs}")
+            raise UserError(f"schedule.stages: stage epochs must be strictly increasing, got {epochs}")
         for e, b in self.stages:
             if b <= 0:
-                raise UserError(f"stage '{e}:{b}' has a batch <= 0; every global batch must be positive")
+                raise UserError(f"schedule.stages: stage '{e}:{b}' has a batch <= 0; every global batch must be "
+                                f"positive")
 
     # ---- stages --------------------------------------------------------------------------
     @property
@@ -154,8 +197,8 @@ class Schedule:
             batch = round(exact)
             if abs(batch - exact) > 1e-6 * exact:
                 raise UserError(
-                    f"growth factor {self.growth_factor} from batch {self.initial_batch} gives a non-integer "
-                    f"batch {exact:g} at stage {stage}; use an integer factor or explicit stages"
+                    f"schedule.growth_factor {self.growth_factor} from batch {self.initial_batch} gives a "
+                    f"non-integer batch {exact:g} at stage {stage}; use an integer factor or schedule.stages"
                 )
         return min(batch, self.max_batch) if self.max_batch is not None else batch
 
@@ -237,11 +280,31 @@ def _too_big(epoch, stage) -> UserError:
                      f"set schedule.max_batch, or use smaller batches or fewer stages")
 
 
+def check_lr(lr) -> None:
+    """The base learning rate's check (the optim section's and the schedule's)."""
+    if not lr > 0 or math.isinf(lr):
+        raise UserError(f"optim.lr must be a finite number > 0, got {lr}")
+
+
+def _stage_list(value):
+    """Stages as 'E:B' strings (the config's form), from a list of them, a comma-separated string, a
+    mapping {E: B} or [E, B] pairs."""
+    if isinstance(value, dict):
+        return [f"{e}:{b}" for e, b in value.items()]
+    if isinstance(value, (list, tuple)):
+        return [f"{v[0]}:{v[1]}" if isinstance(v, (list, tuple)) and len(v) == 2 else v for v in value]
+    return value
+
+
 def parse_stages(spec) -> Tuple[Tuple[int, int], ...]:
-    """'0:128,20:256' or ['0:128', '20:256'] -> ((0, 128), (20, 256)), numbers below 2^63."""
+    """'0:128,20:256' or ['0:128', '20:256'] -> ((0, 128), (20, 256)), numbers below 2^63; (epoch,
+    batch) pairs pass as they are (as ints)."""
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     out = []
     for item in items:
+        if isinstance(item, (tuple, list)) and len(item) == 2:
+            out.append((int(item[0]), int(item[1])))
+            continue
         item = str(item).strip()
         if not item:
             continue

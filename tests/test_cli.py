@@ -46,21 +46,21 @@ def files(tmp_path_factory):
 
 
 CASES = {
-    "zero batch": (["--initial-batch", "0"], "initial batch must be > 0, got 0"),
-    "negative batch": (["--initial-batch", "-8"], "initial batch must be > 0, got -8"),
-    "growth factor 1": (["--growth-factor", "1"], "growth factor must be > 1"),
-    "growth factor 0.5": (["--growth-factor", "0.5"], "growth factor must be > 1"),
-    "max below initial": (["--max-batch", "64"], "max batch 64 is below the initial batch 128"),
+    "zero batch": (["--initial-batch", "0"], "schedule.initial_batch must be > 0, got 0"),
+    "negative batch": (["--initial-batch", "-8"], "schedule.initial_batch must be > 0, got -8"),
+    "growth factor 1": (["--growth-factor", "1"], "schedule.growth_factor must be > 1"),
+    "growth factor 0.5": (["--growth-factor", "0.5"], "schedule.growth_factor must be > 1"),
+    "max below initial": (["--max-batch", "64"], "schedule.max_batch 64 is below the initial batch 128"),
     "cap that divides nothing": (["--initial-batch", "512", "--max-micro-batch", "100"],
                                  "per-worker batch 512 (global 512 / 1 workers, epoch 0) does not split into 6"),
     "zero cap": (["--max-micro-batch", "0"], "max micro-batch must be > 0"),
-    "lr zero": (["--lr", "0"], "learning rate must be a finite number > 0, got 0.0"),
-    "lr negative": (["--lr", "-0.1"], "learning rate must be a finite number > 0, got -0.1"),
-    "epochs zero": (["--epochs", "0"], "epochs must be > 0, got 0"),
-    "epochs negative": (["--epochs", "-3"], "epochs must be > 0, got -3"),
+    "lr zero": (["--lr", "0"], "optim.lr must be a finite number > 0, got 0.0"),
+    "lr negative": (["--lr", "-0.1"], "optim.lr must be a finite number > 0, got -0.1"),
+    "epochs zero": (["--epochs", "0"], "schedule.epochs must be > 0, got 0"),
+    "epochs negative": (["--epochs", "-3"], "schedule.epochs must be > 0, got -3"),
     "epochs not a number": (["--epochs", "ten"], "schedule.epochs: expected int, got 'ten'"),
-    "unknown scaling": (["--scaling", "cubic"], "unknown LR scaling rule 'cubic'"),
-    "unknown mode": (["--mode", "grow"], "unknown schedule mode 'grow'"),
+    "unknown scaling": (["--scaling", "cubic"], "unknown schedule.scaling 'cubic' (the LR scaling rule)"),
+    "unknown mode": (["--mode", "grow"], "unknown schedule.mode 'grow'"),
     "bad stage": (["--stages", "0:128,20"], "bad stage '20'"),
     "momentum": (["--momentum", "1.5"], "momentum must be in [0, 1)"),
     "unknown compression": (["--compression", "fp8"], "unknown comm.compression 'fp8' (did you mean 'fp16'?)"),
@@ -141,3 +141,26 @@ def test_checkpoint_from_another_model_keeps_everything(tmp_path):
     assert_one_line_error(other, "is for model 'mlp' with 10 classes, not 'fmnist_cnn'")
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == saved  # nothing lost or changed
     assert len(json.loads((run / "metrics.jsonl").read_text().splitlines()[0])) > 5
+
+
+def test_one_data_set_registry_for_the_plan_the_help_and_the_readers():
+    """config.DATA_SETS is the one list: adabatch-plan reads its sizes without importing torch, the help
+    lists its names, and data.py reads each set with the reader the registry names."""
+    from adabatch_hvd import config, data
+
+    names = list(config.DATA_SETS)
+    assert data.DATASETS == tuple(names)
+    assert all(callable(getattr(data, d.reader)) for d in config.DATA_SETS.values() if d.reader)
+    code = ("import sys; from adabatch_hvd.cli import plan_main\n"
+            f"for name in {names!r}:\n"
+            "    assert plan_main(['--data.name', name, '--initial-batch', '100', '--epochs', '1']) == 0\n"
+            "assert 'torch' not in sys.modules, 'adabatch-plan imported torch'\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=hvd_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sizes = re.findall(r"on (\S+) \((\d+) samples\)", proc.stdout)
+    assert sizes == [(n, str(d.train_size or config.DataConfig().synthetic_samples))
+                     for n, d in config.DATA_SETS.items()], proc.stdout
+    help_text = subprocess.run([sys.executable, "-m", "adabatch_hvd", "--help"], cwd=ROOT, env=hvd_env(),
+                               capture_output=True, text=True, timeout=120).stdout
+    assert "data set: fashion-mnist, cifar10, cifar100, imagenet or synthetic" in " ".join(help_text.split())

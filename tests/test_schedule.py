@@ -113,23 +113,23 @@ def test_explicit_stages_and_cap():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(initial_batch=0), "initial batch must be > 0"),
-    (dict(initial_batch=-8), "initial batch must be > 0"),
-    (dict(growth_factor=1.0), "growth factor must be > 1"),
-    (dict(growth_factor=0.5), "growth factor must be > 1"),
-    (dict(max_batch=64), "max batch 64 is below the initial batch 128"),
-    (dict(epochs=0), "epochs must be > 0"),
-    (dict(lr=0.0), "learning rate must be"),
-    (dict(lr=-1.0), "learning rate must be"),
-    (dict(lr=float("nan")), "learning rate must be"),
-    (dict(interval=0), "stage interval must be > 0"),
-    (dict(growth_factor=1.5, interval=1, epochs=10), "non-integer batch"),
-    (dict(scaling="cubic"), "unknown LR scaling rule 'cubic'"),
-    (dict(mode="growing"), "unknown schedule mode"),
-    (dict(lr_decay=0.0), "lr_decay must be in (0, 1]"),
-    (dict(stages=((1, 64),)), "first stage must start at epoch 0"),
-    (dict(stages=((0, 64), (10, 128), (10, 256))), "strictly increasing"),
-    (dict(stages=((0, 64), (10, 0))), "has a batch <= 0"),
+    (dict(initial_batch=0), "schedule.initial_batch must be > 0"),
+    (dict(initial_batch=-8), "schedule.initial_batch must be > 0"),
+    (dict(growth_factor=1.0), "schedule.growth_factor must be > 1"),
+    (dict(growth_factor=0.5), "schedule.growth_factor must be > 1"),
+    (dict(max_batch=64), "schedule.max_batch 64 is below the initial batch 128"),
+    (dict(epochs=0), "schedule.epochs must be > 0"),
+    (dict(lr=0.0), "optim.lr must be a finite number > 0"),
+    (dict(lr=-1.0), "optim.lr must be a finite number > 0"),
+    (dict(lr=float("nan")), "optim.lr must be a finite number > 0"),
+    (dict(interval=0), "schedule.interval must be > 0 epochs, got 0"),
+    (dict(growth_factor=1.5, interval=1, epochs=10), "schedule.growth_factor 1.5 .* non-integer batch"),
+    (dict(scaling="cubic"), "unknown schedule.scaling 'cubic' (the LR scaling rule)"),
+    (dict(mode="growing"), "unknown schedule.mode 'growing'"),
+    (dict(lr_decay=0.0), "schedule.lr_decay must be in (0, 1]"),
+    (dict(stages=((1, 64),)), "schedule.stages: the first stage must start at epoch 0"),
+    (dict(stages=((0, 64), (10, 128), (10, 256))), "schedule.stages: stage epochs must be strictly increasing"),
+    (dict(stages=((0, 64), (10, 0))), "schedule.stages: stage '10:0' has a batch <= 0"),
 ])
 def test_impossible_schedules_are_clear_errors(kwargs, message):
     base = dict(initial_batch=128, epochs=40, lr=0.1, interval=20)
@@ -165,3 +165,49 @@ def test_uneven_shares_for_a_world_size_the_user_did_not_choose():
     assert s.plan(4, 25, even=False) == s.plan(4, 25)  # where the world divides, nothing changes
     with pytest.raises(UserError, match="not divisible by the world size 3"):
         s.plan(3, 16)  # a fixed world size keeps the check
+
+
+def test_the_schedule_is_the_config_section_plus_the_lr():
+    """One definition: the schedule: section's fields and defaults are the Schedule's; one message per check."""
+    import dataclasses
+
+    from adabatch_hvd import config
+    from adabatch_hvd.schedule import ScheduleConfig
+
+    section = ScheduleConfig()
+    s = Schedule(lr=0.1)
+    assert {f.name for f in dataclasses.fields(s)} == {f.name for f in dataclasses.fields(section)} | {"lr"}
+    assert all(getattr(s, f.name) == getattr(section, f.name) for f in dataclasses.fields(section) if f.name != "stages")
+    assert config.ScheduleConfig is ScheduleConfig and config.Config().schedule == section
+    cfg = config.from_args(None, {"schedule.stages": "0:16,2:32", "schedule.epochs": "4", "optim.lr": "0.2"})
+    built = config.build_schedule(cfg)
+    assert built == Schedule.of(cfg.schedule, 0.2) and built.stages == ((0, 16), (2, 32)) and built.lr == 0.2
+    assert cfg.schedule.stages == ["0:16", "2:32"] and "_schedule" not in config.to_dict(cfg)  # the section stays text
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        built.epochs = 5
+    # the same message whichever object finds the bad LR, naming the config key
+    for make in (lambda: Schedule(lr=0.0), lambda: config.OptimConfig(lr=0.0),
+                 lambda: config.from_args(None, {"optim.lr": "0"})):
+        with pytest.raises(UserError, match=r"^optim\.lr must be a finite number > 0, got 0\.0$"):
+            make()
+    with pytest.raises(TypeError, match="lr="):
+        Schedule()
+
+
+def test_build_schedule_is_built_once_per_config_and_follows_changes():
+    from adabatch_hvd import config
+
+    cfg = config.Config()
+    first = config.build_schedule(cfg)
+    assert config.build_schedule(cfg) is first and first.interval == 2  # cached; the section's default interval
+    cfg.schedule.epochs, cfg.schedule.interval = 4, 1  # sections are mutable (tests, benchmarks/worker.py)
+    changed = config.build_schedule(cfg)
+    assert changed is not first and (changed.epochs, changed.interval, changed.global_batch(3)) == (4, 1, 1024)
+    cfg.optim.lr = 0.5
+    assert config.build_schedule(cfg).lr == 0.5 and config.build_schedule(cfg) is config.build_schedule(cfg)
+    cfg.schedule.interval = 0
+    with pytest.raises(UserError, match=r"schedule\.interval must be > 0 epochs, got 0"):
+        config.build_schedule(cfg)
+    fresh = config.Config()
+    config.build_schedule(fresh)
+    assert fresh == config.Config()  # the cache is no field: configs still compare by their values

@@ -107,9 +107,9 @@ if r == 0:  # only rank 0's state counts: sync() must give it to rank 1
 trainer.fit()
 after_fit = scaler.state_dict()
 saved = checkpoint.load("latest", trainer.ckpt_dir)[0].get("grad_scaler") if r == 0 else None
-trainer.commit_save()
+committed = trainer.components.commit()  # what an elastic commit keeps
 scaler.load_state_dict({**scaler.state_dict(), "scale": 8.0, "_growth_tracker": 0})
-trainer.commit_restore()
+trainer.components.rollback(committed)
 with open(f"{out}/rank{r}.json", "w") as f:
     json.dump({"steps": steps, "bf16_compression": bf16_compression, "after_fit": after_fit, "checkpoint": saved,
                "restored": scaler.state_dict()}, f)
