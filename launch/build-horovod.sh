@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# Build (or find cached) the patched Horovod 0.28.1 wheel for a Python that already has torch.
+# Build (or find cached) the patched Horovod wheel (HOROVOD_VERSION below) for a Python that already
+# has torch.
 #
 #   launch/build-horovod.sh PYTHON WHEEL_DIR     -> prints the wheel's path on stdout
+#   launch/build-horovod.sh --version            -> prints HOROVOD_VERSION
+#   launch/build-horovod.sh --patch              -> prints the patch file's path
+#
+# The version and the patch are defined here only: setup.sh asks for them (its cache keys hold
+# them), and the Dockerfile copies both scripts. Prose (README, the Dockerfile's label) names it too.
 #
 # launch/setup.sh calls this; tests/test_nocuda.py calls it in a mount namespace with /usr/local
 # hidden, to prove that a machine without a CUDA toolkit builds the CPU flavour;
@@ -32,13 +38,18 @@ set -euo pipefail
 die() { echo "build-horovod: error: $*" >&2; exit 1; }
 log() { echo "build-horovod: $*" >&2; }
 
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+HOROVOD_VERSION=0.28.1
+PATCH="$ROOT/launch/patches/horovod-${HOROVOD_VERSION}-torch2.patch"
+case ${1:-} in
+  --version) echo "$HOROVOD_VERSION"; exit 0 ;;
+  --patch) echo "$PATCH"; exit 0 ;;
+esac
+
 [ $# -eq 2 ] || die "usage: launch/build-horovod.sh PYTHON WHEEL_DIR"
 PY=$1
 WHEEL_DIR=$2
 [[ $PY != */* ]] || PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"  # the build runs in another directory
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-HOROVOD_VERSION=0.28.1
-PATCH="$ROOT/launch/patches/horovod-${HOROVOD_VERSION}-torch2.patch"
 GPU_OPS=${HOROVOD_GPU_OPERATIONS:-}
 
 flavour=(env -u CUDA_HOME -u HOROVOD_CUDA_HOME -u HOROVOD_GPU_OPERATIONS HOROVOD_CPU_ONLY=1)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run the adabatch-hvd image (Dockerfile) on one node or on several. See usage() or launch/README.md.
 set -euo pipefail
+PROG=docker-run
 # shellcheck source=launch/lib.sh
 . "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib.sh"
 
@@ -68,8 +69,6 @@ Examples:
 EOF
 }
 
-die() { echo "docker-run: error: $*" >&2; exit 2; }
-
 # Everything is checked before anything is created or started: a mistake is one line and exit code 2.
 mode=single
 if [ $# -gt 0 ] && [[ $1 != -* ]]; then
@@ -96,10 +95,8 @@ mounts=()
 envs=()
 train_args=()
 given=()  # the options given, to check them against the mode
-need() { [ "$2" -ge 2 ] || die "$1 needs a value"; }
 while [ $# -gt 0 ]; do
   case $1 in
-    -h|--help) usage; exit 0 ;;
     -i|--image) need "$1" $#; image=$2; given+=(-i); shift 2 ;;
     -n|-np) need "$1" $#; np=$2; given+=(-n); shift 2 ;;
     -H|--hosts) need "$1" $#; hosts=$2; given+=(-H); shift 2 ;;
@@ -113,9 +110,7 @@ while [ $# -gt 0 ]; do
     -v) need "$1" $#; mounts+=(-v "$2"); given+=(-v); shift 2 ;;
     -e) need "$1" $#; envs+=(-e "$2"); given+=(-e); shift 2 ;;
     --name) need "$1" $#; name=$2; given+=(--name); shift 2 ;;
-    --dry-run) dry_run=1; shift ;;
-    --) shift; train_args+=("$@"); break ;;
-    *) train_args+=("$1"); shift ;;
+    *) common_arg "$@"; shift "$took" ;;  # -h, --dry-run, --, training arguments
   esac
 done
 for opt in "${given[@]}"; do
@@ -131,11 +126,8 @@ done
 if [ ${#train_args[@]} -gt 0 ] && [[ $mode == keys || $mode == worker ]]; then
   die "mode $mode takes no training arguments, got '${train_args[0]}'"
 fi
-[[ $port =~ ^[1-9][0-9]*$ ]] && [ "${#port}" -le 5 ] && [ "$port" -le 65535 ] \
-  || die "--port must be a port number (1-65535), got '$port'"
-if [ -n "$threads" ] && ! [[ $threads =~ ^[1-9][0-9]*$ ]]; then
-  die "--threads must be a positive integer, got '$threads'"
-fi
+port_number --port "$port"
+[ -z "$threads" ] || positive --threads "$threads"
 
 run() {
   if [ "$dry_run" = 1 ]; then printf '%q ' "$@"; echo; else "$@"; fi
@@ -166,13 +158,13 @@ case $mode in
       np=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
       [ "$np" -gt 0 ] 2>/dev/null || np=1
     fi
-    [[ $np =~ ^[1-9][0-9]*$ ]] || die "-n must be a positive integer, got '$np'"
+    positive -n "$np"
     ;;
   launch)
     [ -n "$hosts" ] || die "launch needs -H host1:4,host2:4"
     total=$(slots_total "$hosts")
     np=${np:-$total}
-    [[ $np =~ ^[1-9][0-9]*$ ]] || die "-n must be a positive integer, got '$np'"
+    positive -n "$np"
     ;;
 esac
 if [ "$dry_run" = 0 ]; then
@@ -202,9 +194,8 @@ base+=(--ipc host --ulimit stack=67108864 -v "$PWD/runs:$work/runs" -v "$PWD/dat
 # InfiniBand/RoCE for NCCL when the host has it; registering RDMA memory needs an unlimited memlock.
 # (Only then: raising the limit needs CAP_SYS_RESOURCE, which some sandboxed hosts do not grant.)
 if [ -d /dev/infiniband ]; then base+=(--device /dev/infiniband --cap-add IPC_LOCK --ulimit memlock=-1); fi
-if [ -n "$iface" ]; then
-  base+=(-e "NCCL_SOCKET_IFNAME=$iface" -e "HOROVOD_GLOO_IFACE=$iface" -e "GLOO_SOCKET_IFNAME=$iface")
-fi
+use_iface "$iface"
+for e in "${iface_env[@]}"; do base+=(-e "$e"); done
 # --threads: each rank's torch threads (the trainer's default is the container's usable cores, its
 # --cpus quota included, / the ranks in it); horovodrun passes OMP_NUM_THREADS on to the workers' ranks.
 [ -z "$threads" ] || base+=(-e "OMP_NUM_THREADS=$threads")
@@ -229,8 +220,7 @@ case $mode in
       # The image's entrypoint runs adabatch-train for option arguments.
       run "${cmd[@]}" "$image" "${train_args[@]}"
     else
-      hvd=(horovodrun -np "$np" -H "localhost:$np" "--$controller")
-      [ -n "$iface" ] && hvd+=(--network-interfaces "$iface")
+      hvd=(horovodrun -np "$np" -H "localhost:$np" "--$controller" "${iface_args[@]}")
       run "${cmd[@]}" "$image" "${hvd[@]}" adabatch-train "${train_args[@]}"
     fi
     ;;
@@ -249,8 +239,7 @@ case $mode in
     ;;
   launch)
     warn_uid
-    cmd=(horovodrun -np "$np" -H "$hosts" -p "$port" "--$controller")
-    [ -n "$iface" ] && cmd+=(--network-interfaces "$iface")
+    cmd=(horovodrun -np "$np" -H "$hosts" -p "$port" "--$controller" "${iface_args[@]}")
     run "${base[@]}" --rm --name "$container" "${ssh_mount[@]}" "$image" \
       "${cmd[@]}" adabatch-train "${train_args[@]}"
     ;;

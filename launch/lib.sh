@@ -1,5 +1,66 @@
 #!/usr/bin/env bash
-# Shared helpers of the launch scripts (sourced, not run). Callers define die() (and ROOT, dry_run for tool).
+# Shared helpers of the launchers: run-local.sh, run-multinode.sh, run-elastic.sh, docker-run.sh and
+# slurm.sbatch (sourced, not run). A launcher sets PROG (its name in messages) and, for tool, ROOT;
+# dry_run, threads and train_args are its own, set by common_arg. (setup.sh and build-horovod.sh stand
+# alone: the Dockerfile's first layer copies them without this file.)
+
+# ---- arguments ----------------------------------------------------------------------------------
+# die MESSAGE: "PROG: error: MESSAGE" on stderr and exit code 2; nothing has been started yet.
+die() { echo "$PROG: error: $*" >&2; exit 2; }
+
+# need OPTION ARGC: OPTION (the caller's $1) has a value after it; ARGC is the caller's $#.
+need() { [ "$2" -ge 2 ] || die "$1 needs a value"; }
+
+# positive NAME VALUE: VALUE is a whole number from 1 up.
+positive() { [[ $2 =~ ^[1-9][0-9]*$ ]] || die "$1 must be a positive integer, got '$2'"; }
+
+# port_number NAME VALUE: VALUE is a TCP port, 1 to 65535.
+port_number() {
+  [[ $2 =~ ^[1-9][0-9]{0,4}$ ]] && [ "$2" -le 65535 ] || die "$1 must be a port number (1-65535), got '$2'"
+}
+
+# common_arg "$@": the arguments every launcher takes the same way, for the last branch of its own
+# option loop:  *) common_arg "$@"; shift "$took" ;;
+#   -h, --help    usage (the caller's), exit 0
+#   --threads T   threads=T (checked with positive by the caller, exported as OMP_NUM_THREADS)
+#   --dry-run     dry_run=1
+#   --            everything after it goes to adabatch-train (train_args)
+#   anything else goes to adabatch-train (train_args)
+# took: how many arguments it used, for the caller's shift.
+common_arg() {
+  case $1 in
+    -h|--help) usage; exit 0 ;;
+    --threads) need "$1" $#; threads=$2; took=2 ;;
+    --dry-run) dry_run=1; took=1 ;;
+    --) train_args+=("${@:2}"); took=$# ;;
+    *) train_args+=("$1"); took=1 ;;
+  esac
+}
+
+# ---- the network interface (-i/--iface, ADABATCH_IFACE) ------------------------------------------
+# The variables that put a rank's traffic on one interface: NCCL's bootstrap and socket transport,
+# Horovod's Gloo controller, and torch's Gloo.
+IFACE_VARS=(NCCL_SOCKET_IFNAME HOROVOD_GLOO_IFACE GLOO_SOCKET_IFNAME)
+
+# use_iface IF: the job's traffic goes over network interface IF; for an empty IF it does nothing and
+# the arrays stay empty. It exports IFACE_VARS=IF here, which horovodrun, srun and mpirun -x pass on to
+# the ranks, and sets
+#   iface_env    VAR=IF for each of IFACE_VARS, for a launcher that passes them itself (docker run -e)
+#   iface_args   horovodrun --network-interfaces IF (horovodrun restricts its mpirun's TCP to IF too)
+#   iface_mca    the same for a bare mpirun: OpenMPI's btl_tcp_if_include and oob_tcp_if_include
+use_iface() {
+  local v
+  iface_env=() iface_args=() iface_mca=()
+  [ -n "$1" ] || return 0
+  for v in "${IFACE_VARS[@]}"; do
+    export "$v=$1"
+    iface_env+=("$v=$1")
+  done
+  iface_args=(--network-interfaces "$1")
+  iface_mca=(--mca btl_tcp_if_include "$1" --mca oob_tcp_if_include "$1")
+}
+
+# ---- hosts, tools, running ------------------------------------------------------------------------
 
 # slots_total "host1:4,host2:4" -> 8; dies on an entry that is not host:slots.
 slots_total() {

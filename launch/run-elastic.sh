@@ -17,7 +17,8 @@ Runs an elastic Horovod job under Gloo (it reaches other hosts over ssh, as run-
   -np N              processes to start with (default: the slots S prints now)
   --min-np A         below A slots the job waits for hosts (default 1)
   --max-np B         never more than B processes (default N)
-  -i, --iface IF     network interface (horovodrun --network-interfaces, HOROVOD_GLOO_IFACE).
+  -i, --iface IF     network interface, as in run-multinode.sh: horovodrun --network-interfaces,
+                     HOROVOD_GLOO_IFACE, NCCL_SOCKET_IFNAME and GLOO_SOCKET_IFNAME.
                      Default: lo when every host S prints is this machine, because horovodrun's
                      own detection needs two hosts and otherwise waits forever; else $ADABATCH_IFACE,
                      else horovodrun detects it
@@ -41,6 +42,13 @@ worker commits its state in memory every --commit-every optimizer steps (default
 worker rolls the others back to the last commit; a host removed by S leaves at the next commit
 with nothing lost.
 
+Unlike run-local.sh, run-multinode.sh and slurm.sbatch, it runs horovodrun itself, not under
+adabatch_hvd.supervise. The supervisor judges a job by one exit status per rank of a fixed world
+(a rank that failed, or wrote none, is the job's failure), while an elastic job renumbers its ranks
+at every reset and goes on after a worker fails. So Ctrl-C, SIGTERM and SIGHUP reach horovodrun as
+they are, and its own handling applies: a stop of every rank at one step with a checkpoint (exit
+code 75) is not ensured, and the exit code and the report of a failure are horovodrun's.
+
 Example (one machine, 3 workers that may shrink to 1):
     printf '#!/bin/sh\ncat /tmp/hosts\n' > /tmp/discover.sh; chmod +x /tmp/discover.sh
     echo localhost:3 > /tmp/hosts
@@ -50,6 +58,7 @@ Example (one machine, 3 workers that may shrink to 1):
 EOF
 }
 
+PROG=run-elastic
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=launch/lib.sh
 . "$ROOT/launch/lib.sh"
@@ -68,11 +77,8 @@ verbose=0
 dry_run=0
 train_args=()
 
-die() { echo "run-elastic: error: $*" >&2; exit 2; }
-need() { [ "$2" -ge 2 ] || die "$1 needs a value"; }
 while [ $# -gt 0 ]; do
   case $1 in
-    -h|--help) usage; exit 0 ;;
     --host-discovery-script) need "$1" $#; script=$2; shift 2 ;;
     -np|-n) need "$1" $#; np=$2; shift 2 ;;
     --min-np) need "$1" $#; min_np=$2; shift 2 ;;
@@ -83,17 +89,13 @@ while [ $# -gt 0 ]; do
     --reset-limit) need "$1" $#; reset_limit=$2; shift 2 ;;
     -p|--ssh-port) need "$1" $#; ssh_port=$2; shift 2 ;;
     --ssh-key) need "$1" $#; ssh_key=$2; shift 2 ;;
-    --threads) need "$1" $#; threads=$2; shift 2 ;;
     --verbose) verbose=1; shift ;;
-    --dry-run) dry_run=1; shift ;;
-    --) shift; train_args+=("$@"); break ;;
-    *) train_args+=("$1"); shift ;;
+    *) common_arg "$@"; shift "$took" ;;  # -h, --threads, --dry-run, --, training arguments
   esac
 done
 
 [ -n "$script" ] || die "no --host-discovery-script: give an executable that prints host:slots lines (see -h)"
 [ -f "$script" ] && [ -x "$script" ] || die "discovery script $script is not an executable file"
-positive() { [[ $2 =~ ^[1-9][0-9]*$ ]] || die "$1 must be a positive integer, got '$2'"; }
 for v in slots_per_host reset_limit threads ssh_port; do
   [ -n "${!v}" ] && positive "--${v//_/-}" "${!v}"
 done
@@ -131,10 +133,10 @@ train=$(tool adabatch-train)
 [ "$dry_run" = 1 ] || preflight run-elastic "$(tool adabatch-plan)" "$np" --elastic true "${train_args[@]}"
 
 [ -z "$threads" ] || export OMP_NUM_THREADS=$threads
-[ -n "$iface" ] && export HOROVOD_GLOO_IFACE=$iface GLOO_SOCKET_IFNAME=$iface
+use_iface "$iface"
 
-cmd=("$horovodrun" -np "$np" --min-np "$min_np" --max-np "$max_np" --host-discovery-script "$script")
-[ -n "$iface" ] && cmd+=(--network-interfaces "$iface")
+cmd=("$horovodrun" -np "$np" --min-np "$min_np" --max-np "$max_np" --host-discovery-script "$script"
+     "${iface_args[@]}")
 [ -n "$slots_per_host" ] && cmd+=(--slots-per-host "$slots_per_host")
 [ ${#cooldown[@]} -gt 0 ] && cmd+=(--blacklist-cooldown-range "${cooldown[@]}")
 [ -n "$reset_limit" ] && cmd+=(--reset-limit "$reset_limit")

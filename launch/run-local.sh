@@ -36,6 +36,7 @@ Environment: NP (default N), OMP_NUM_THREADS (see --threads).
 EOF
 }
 
+PROG=run-local
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=launch/lib.sh
 . "$ROOT/launch/lib.sh"
@@ -45,25 +46,16 @@ threads=""
 dry_run=0
 train_args=()
 
-die() { echo "run-local: error: $*" >&2; exit 2; }
-need() { [ "$2" -ge 2 ] || die "$1 needs a value"; }
 if [ $# -gt 0 ] && [[ $1 =~ ^[0-9]+$ ]]; then np=$1; shift; fi
 while [ $# -gt 0 ]; do
   case $1 in
-    -h|--help) usage; exit 0 ;;
     -np|-n) need "$1" $#; np=$2; shift 2 ;;
-    --gloo) controller=gloo; shift ;;
-    --mpi) controller=mpi; shift ;;
-    --threads) need "$1" $#; threads=$2; shift 2 ;;
-    --dry-run) dry_run=1; shift ;;
-    --) shift; train_args+=("$@"); break ;;
-    *) train_args+=("$1"); shift ;;
+    --gloo|--mpi) controller=${1#--}; shift ;;
+    *) common_arg "$@"; shift "$took" ;;  # -h, --threads, --dry-run, --, training arguments
   esac
 done
-[[ $np =~ ^[1-9][0-9]*$ ]] || die "N must be a positive integer, got '$np'"
-if [ -n "$threads" ] && ! [[ $threads =~ ^[1-9][0-9]*$ ]]; then
-  die "--threads must be a positive integer, got '$threads'"
-fi
+positive N "$np"
+[ -z "$threads" ] || positive --threads "$threads"
 
 horovodrun=$(tool horovodrun)
 train=$(tool adabatch-train)

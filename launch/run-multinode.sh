@@ -47,6 +47,7 @@ Example:
 EOF
 }
 
+PROG=run-multinode
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=launch/lib.sh
 . "$ROOT/launch/lib.sh"
@@ -61,23 +62,16 @@ threads=""
 dry_run=0
 train_args=()
 
-die() { echo "run-multinode: error: $*" >&2; exit 2; }
-need() { [ "$2" -ge 2 ] || die "$1 needs a value"; }
 while [ $# -gt 0 ]; do
   case $1 in
-    -h|--help) usage; exit 0 ;;
     -hostfile|--hostfile) need "$1" $#; hostfile=$2; shift 2 ;;
     -H|--hosts) need "$1" $#; hosts=$2; shift 2 ;;
     -np|-n) need "$1" $#; np=$2; shift 2 ;;
-    --gloo) controller=gloo; shift ;;
-    --mpi) controller=mpi; shift ;;
+    --gloo|--mpi) controller=${1#--}; shift ;;
     -i|--iface) need "$1" $#; iface=$2; shift 2 ;;
     -p|--ssh-port) need "$1" $#; ssh_port=$2; shift 2 ;;
     --ssh-key) need "$1" $#; ssh_key=$2; shift 2 ;;
-    --threads) need "$1" $#; threads=$2; shift 2 ;;
-    --dry-run) dry_run=1; shift ;;
-    --) shift; train_args+=("$@"); break ;;
-    *) train_args+=("$1"); shift ;;
+    *) common_arg "$@"; shift "$took" ;;  # -h, --threads, --dry-run, --, training arguments
   esac
 done
 
@@ -105,26 +99,19 @@ fi
 
 total=$(slots_total "$hosts")
 np=${np:-$total}
-[[ $np =~ ^[1-9][0-9]*$ ]] || die "-np must be a positive integer, got '$np'"
+positive -np "$np"
 [ "$np" -le "$total" ] || die "-np $np exceeds the $total slots in '$hosts'"
-if [ -n "$threads" ] && ! [[ $threads =~ ^[1-9][0-9]*$ ]]; then
-  die "--threads must be a positive integer, got '$threads'"
-fi
-if [ -n "$ssh_port" ] && ! { [[ $ssh_port =~ ^[1-9][0-9]{0,4}$ ]] && [ "$ssh_port" -le 65535 ]; }; then
-  die "--ssh-port must be a port number (1-65535), got '$ssh_port'"
-fi
+[ -z "$threads" ] || positive --threads "$threads"
+[ -z "$ssh_port" ] || port_number --ssh-port "$ssh_port"
 [ -z "$ssh_key" ] || [ -r "$ssh_key" ] || die "cannot read --ssh-key $ssh_key"
 
 horovodrun=$(tool horovodrun)
 train=$(tool adabatch-train)
 
 [ -z "$threads" ] || export OMP_NUM_THREADS=$threads
-if [ -n "$iface" ]; then
-  export HOROVOD_GLOO_IFACE=$iface NCCL_SOCKET_IFNAME=$iface GLOO_SOCKET_IFNAME=$iface
-fi
+use_iface "$iface"
 
-cmd=("$horovodrun" -np "$np" -H "$hosts")
-[ -n "$iface" ] && cmd+=(--network-interfaces "$iface")
+cmd=("$horovodrun" -np "$np" -H "$hosts" "${iface_args[@]}")
 [ -n "$ssh_port" ] && cmd+=(-p "$ssh_port")
 [ -n "$ssh_key" ] && cmd+=(-i "$ssh_key")
 cmd+=("--$controller")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up adabatch-hvd: system packages, a Python environment at .venv, and Horovod 0.28.1
-# built from the PyPI sdist with the patch in launch/patches (PyTorch + Gloo + MPI).
+# Set up adabatch-hvd: system packages, a Python environment at .venv, and Horovod (the version
+# launch/build-horovod.sh defines) built from the PyPI sdist with the patch in launch/patches
+# (PyTorch + Gloo + MPI).
 #
 # The same script runs on a workstation, in CI and inside the Dockerfile. Everything slow is
 # cached outside the repository under $ADABATCH_CACHE (default ~/.cache/adabatch-hvd):
@@ -33,10 +34,11 @@ log() { echo "setup: $*"; }
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
-HOROVOD_VERSION=0.28.1
+# Horovod's version and patch are build-horovod.sh's, which builds the wheel that they key.
+HOROVOD_VERSION=$("$ROOT/launch/build-horovod.sh" --version)
+PATCH=$("$ROOT/launch/build-horovod.sh" --patch)
 TORCH_VERSION=2.14.1
 TORCHVISION_VERSION=0.29.1
-PATCH="$ROOT/launch/patches/horovod-${HOROVOD_VERSION}-torch2.patch"
 PYTHON=${PYTHON:-python3}
 CACHE=${ADABATCH_CACHE:-$HOME/.cache/adabatch-hvd}
 GPU_OPS=${HOROVOD_GPU_OPERATIONS:-}

@@ -495,6 +495,67 @@ def test_run_elastic_composes_an_elastic_gloo_job(tmp_path):
         assert proc.returncode == 2 and message in proc.stderr, (bad, proc.stderr)
 
 
+IFACE_ENV = 'env | grep -E "IFNAME|IFACE" | grep -v ^ADABATCH_ | sort\n'
+
+
+def test_every_launcher_sets_the_interface_variables_of_lib_sh(tmp_path, fake_slurm):
+    """Issue 16 item 6: -i/--iface/ADABATCH_IFACE sets lib.sh's IFACE_VARS (use_iface) in every launcher
+    that takes one, for the ranks: run-elastic.sh too (it used to leave out NCCL_SOCKET_IFNAME)."""
+    names = run(["bash", "-c", f'. "{LAUNCH}/lib.sh"; echo "${{IFACE_VARS[@]}}"']).stdout.split()
+    assert "NCCL_SOCKET_IFNAME" in names and "HOROVOD_GLOO_IFACE" in names, names
+    want = "".join(f"{n}=eth7\n" for n in sorted(names))
+    # run-multinode.sh and run-elastic.sh in a checkout whose tools print the environment they get
+    checkout = tmp_path / "checkout"
+    (checkout / "launch").mkdir(parents=True)
+    for name in ("run-multinode.sh", "run-elastic.sh", "lib.sh"):
+        shutil.copy2(LAUNCH / name, checkout / "launch" / name)
+    bindir = checkout / ".venv" / "bin"
+    bindir.mkdir(parents=True)
+    for name, text in (("horovodrun", IFACE_ENV), ("adabatch-plan", ""), ("adabatch-train", ""),
+                       ("python", 'shift 4; exec "$@"\n'), ("discover.sh", "echo node1:2\n")):  # python: supervise
+        (bindir / name).write_text("#!/bin/sh\n" + text)
+        (bindir / name).chmod(0o755)
+    env = dict(os.environ)
+    for n in names:
+        env.pop(n, None)
+    for script, args in (("run-multinode.sh", ["-H", "a:1"]),
+                         ("run-elastic.sh", ["--host-discovery-script", bindir / "discover.sh"])):
+        proc = run([checkout / "launch" / script, *args, "-i", "eth7"], env=env, cwd=checkout)
+        assert (proc.returncode, proc.stdout) == (0, want), (script, proc.stdout, proc.stderr)
+    # docker-run.sh passes them to the container
+    proc = dry("docker-run.sh", "-n", "2", "--iface", "eth7", "--dry-run", cwd=checkout)
+    assert sorted(re.findall(r"-e (\S+=eth7)", proc.stdout)) == want.split(), proc.stdout
+    # slurm.sbatch exports them, and mpirun passes each on (-x); the same without lib.sh in the
+    # submit directory (the script's stand-ins) as with it
+    fake_bin = Path(fake_slurm["PATH"].split(":")[0])
+    for name in ("horovodrun", "mpirun", "srun"):
+        (fake_bin / name).write_text('#!/bin/sh\necho "$(basename "$0") $*"\n' + IFACE_ENV)
+    repo = tmp_path / "repo"
+    (repo / "launch").mkdir(parents=True)
+    shutil.copy2(LAUNCH / "lib.sh", repo / "launch" / "lib.sh")
+    for launcher in ("horovodrun", "mpirun", "srun"):
+        outs = []
+        for root in (fake_slurm["SLURM_SUBMIT_DIR"], repo):  # no adabatch-train on PATH: no preflight
+            job = dict(fake_slurm, LAUNCHER=launcher, ADABATCH_IFACE="eth7", ADABATCH_ROOT=str(root),
+                       PATH=f"{fake_bin}:/usr/bin:/bin")
+            proc = run(["bash", LAUNCH / "slurm.sbatch", "--epochs", "1"], env=job, cwd=root)
+            assert proc.returncode == 0, proc.stderr
+            outs.append(proc.stdout)
+        assert outs[0] == outs[1] and outs[0].endswith(want), (launcher, outs)
+        if launcher == "mpirun":
+            assert all(f"-x {n}" in outs[0] for n in names) and "btl_tcp_if_include eth7" in outs[0], outs[0]
+
+
+def test_horovod_version_is_defined_once():
+    """Issue 16 item 6: build-horovod.sh defines Horovod's version and patch; setup.sh asks it for them."""
+    defined = [p.name for p in SCRIPTS if re.search(r"^\s*HOROVOD_VERSION=\d", p.read_text(), re.M)]
+    assert defined == ["build-horovod.sh"], defined
+    version = run([LAUNCH / "build-horovod.sh", "--version"]).stdout.strip()
+    patch = Path(run([LAUNCH / "build-horovod.sh", "--patch"]).stdout.strip())
+    assert re.fullmatch(r"\d+\.\d+\.\d+", version) and patch.is_file() and f"-{version}-" in patch.name, (version, patch)
+    assert '"$ROOT/launch/build-horovod.sh" --version' in (LAUNCH / "setup.sh").read_text()
+
+
 def test_docker_check_script_and_target():
     """make docker-check runs tests/docker_check.sh (a real Docker run; not part of make test)."""
     script = ROOT / "tests" / "docker_check.sh"
