@@ -26,6 +26,11 @@ gradients unscaled and checked for inf/NaN, and the step taken under `skip_synch
 skipped. The check sees the *averaged* gradients, identical on every rank (an inf on one rank is an
 inf or NaN in the average everywhere), so every rank skips the same steps and backs off to the same
 scale: the ranks stay in lockstep. fp32 runs exactly the code it ran before there was a choice.
+
+The gradient noise scale (`noise`, see noise.py): a tensor hook per parameter takes each backward pass's
+squared gradient norm before it is accumulated (and before Horovod's hook starts the allreduce); the
+step's three small-batch numbers ride on the same exchange as the scalars, and the averaged gradient's
+norm is taken after the step. `noise_inputs` then holds what `NoiseScale.update` takes, or None.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from typing import Callable, Iterable, Tuple
 import torch
 
 from . import dist
+from .noise import PassNorms, grad_sqr_norm, local_estimate_inputs, small_stats
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # fp32: no autocast
 
@@ -45,7 +51,9 @@ class Accumulator:
     """Runs optimizer steps made of micro-batches; owns the optimizer's backward_passes_per_step."""
 
     def __init__(self, model: torch.nn.Module, optimizer, world_size: int, loss_fn: Callable = None,
-                 oom_guard: bool = False, precision: str = "fp32"):
+                 oom_guard: bool = False, precision: str = "fp32", noise: bool = False, fuse: bool = True):
+        """`noise`: measure the gradient noise scale's inputs every step; `fuse`: the step's scalars ride on the
+        gradients' exchange (else they get a blocking allreduce of their own after the step: elastic runs)."""
         self.model = model
         self.optimizer = optimizer  # a horovod DistributedOptimizer (or a plain one for size 1)
         self.world_size = world_size
@@ -61,6 +69,9 @@ class Accumulator:
         self.scaler = torch.amp.GradScaler(device_type) if precision == "fp16" else None
         self.skipped = False  # fp16: the last step found inf/NaN gradients and updated nothing
         self.skipped_steps = 0  # ... how many steps this process skipped
+        self.fuse = fuse
+        self.norms = PassNorms(model.parameters()) if noise else None
+        self.noise_inputs = None  # the last step's (small_sqr_sum, count, b_small, big_sqr, b_big), or None
 
     def set_passes(self, passes: int) -> None:
         """Change k; only called between steps, where Horovod's counters may be reset."""
@@ -80,9 +91,12 @@ class Accumulator:
         """
         self.set_passes(passes)
         self.model.train()
+        self.noise_inputs = None
+        if self.norms is not None:
+            self.norms.clear()
         out_of_memory = False
         try:
-            loss_sum, correct, count = self._backward(micro_batches, step_size)
+            loss_sum, correct, count, sizes = self._backward(micro_batches, step_size)
         except torch.cuda.OutOfMemoryError:
             if not self.oom_guard:
                 raise
@@ -92,21 +106,38 @@ class Accumulator:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             return None
-        handle = None if scalars is None else dist.allreduce_mean_async(scalars.float(), name="step_scalars")
+        n_scalars = 0 if scalars is None else len(scalars)
+        if self.norms is not None:  # this rank's [sum |g_m|^2, sum 1/b_m, count] join the scalars
+            local = local_estimate_inputs(self.norms.take(), sizes, step_size, self.world_size,
+                                          None if self.scaler is None else self.scaler._scale)
+            scalars = local if scalars is None else torch.cat([scalars.to(local.device, torch.float32), local])
+        handle = None
+        if scalars is not None and self.fuse:
+            handle = dist.allreduce_mean_async(scalars.float(), name="step_scalars")
         t0 = time.perf_counter()
         if self.scaler is None:
             self.optimizer.step()
         else:
             self.skipped = dist.scaled_step(self.optimizer, self.scaler)
             self.skipped_steps += self.skipped
-        summed = None if handle is None else dist.wait(handle) * self.world_size
+        if scalars is None:
+            summed = None
+        elif self.fuse:
+            summed = dist.wait(handle) * self.world_size
+        else:
+            summed = dist.allreduce_sum(scalars.float(), name="step_scalars")
         self.sync_seconds = time.perf_counter() - t0
+        if self.norms is not None:
+            big = grad_sqr_norm(self.model.parameters())  # the averaged (fp16: unscaled) gradient
+            if not self.skipped:
+                self.noise_inputs = (*small_stats(summed[n_scalars:]), big, step_size)
+            summed = summed[:n_scalars] if n_scalars else None
         self.optimizer.zero_grad()
         return loss_sum, correct, count, summed
 
     def _backward(self, micro_batches, step_size: int):
         # A function of its own, so that an exception frees the micro-batch's activations with its frame.
-        loss_sum, correct, count = 0.0, 0, 0
+        loss_sum, correct, count, sizes = 0.0, 0, 0, []
         for x, y in micro_batches:
             with self.autocast():
                 out = self.model(x)
@@ -116,8 +147,9 @@ class Accumulator:
             loss_sum = loss_sum + loss.detach().double() * len(y)
             correct = correct + (out.argmax(1) == y).sum()
             count += len(y)
+            sizes.append(len(y))
         if count == 0:
             # A rank with no samples in this step (a tiny tail after a world-size change) still
             # has to join every allreduce: contribute zero gradients.
             (sum(p.sum() for p in self.model.parameters()) * 0.0).backward()
-        return loss_sum, correct, count
+        return loss_sum, correct, count, sizes
