@@ -128,6 +128,10 @@ def _first_sentence(e: Exception) -> str:
 def plan_table(cfg: config.Config, world_size: int, num_samples: int) -> str:
     """The per-stage table: epochs, batches, micro-batching, LR and optimizer steps per epoch."""
     schedule = config.build_schedule(cfg)
+    noise = schedule.mode == "noise"
+    if noise:  # the stages it can reach, one an epoch (each row's epochs are decided at run time)
+        while schedule.can_grow(len(schedule.grown) + 1):
+            schedule = schedule.grow_at(len(schedule.grown) + 1)
     plans = schedule.plan(world_size, cfg.schedule.max_micro_batch, even=not cfg.run.elastic)
     head = ("stage", "epochs", "global", "per-worker", "micro", "accum", "lr", "steps/epoch")
     rows = []
@@ -139,7 +143,7 @@ def plan_table(cfg: config.Config, world_size: int, num_samples: int) -> str:
         auto = cfg.schedule.max_micro_batch == "auto"  # chosen while training
         rows.append([p.stage, [p.epoch, p.epoch], p.global_batch, p.per_worker_batch, "auto" if auto else p.micro_batch,
                      "auto" if auto else p.accum_steps, f"{p.lr:.5g}", steps])
-    cells = [[str(r[0]), f"{r[1][0]}-{r[1][1]}", *map(str, r[2:])] for r in rows]
+    cells = [[str(r[0]), "run time" if noise else f"{r[1][0]}-{r[1][1]}", *map(str, r[2:])] for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
     fmt = "  ".join(f"{{:>{w}}}" for w in widths)
     lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*c) for c in cells]
@@ -148,6 +152,12 @@ def plan_table(cfg: config.Config, world_size: int, num_samples: int) -> str:
              f"mode={s.mode}, scaling={s.scaling}, lr_decay={s.lr_decay}, max_micro_batch={s.max_micro_batch}")
     if s.warmup_epochs:
         title += f", warmup {s.warmup_epochs} epochs (stage 0 lr is the warmup start)"
+    if noise:
+        lines.append(f"decided at run time: when each stage starts (at an epoch's end, once the smoothed gradient "
+                     f"noise scale has been >= {s.noise_multiple:g} x the next global batch for {s.noise_checks} "
+                     f"checks in a row, 4 per epoch, after {s.noise_half_life:g} samples); bounds: stage 0 from epoch "
+                     f"0, at most one growth per epoch, {len(rows) - 1} growth(s) at most "
+                     f"(max_batch={s.max_batch}), never shrinking")
     return "\n".join([title, *lines])
 
 

@@ -26,6 +26,7 @@ EPOCH_SCALARS = {  # TensorBoard tag -> metrics.jsonl field
     "batch/micro": "micro_batch", "batch/accum_steps": "accum_steps",
     "perf/samples_per_sec": "samples_per_second", "perf/epoch_seconds": "epoch_seconds",
     "perf/allreduce_wait_share": "allreduce_wait_share", "world_size": "world_size",
+    "noise/b_noise": "b_noise", "noise/grad_sqr": "noise_grad_sqr", "noise/variance": "noise_variance",
 }
 
 STEP_SCALARS = ("step/train_loss", "step/lr", "step/global_batch", "step/samples_per_sec")
@@ -116,9 +117,11 @@ class Monitor:
             self.t0 = time.perf_counter()
             self.done = 0
 
-    def step(self, size: int, loss: float, seconds: float, sync_seconds: float, lr: float, global_step: int) -> None:
+    def step(self, size: int, loss: float, seconds: float, sync_seconds: float, lr: float, global_step: int,
+             noise=None) -> None:
         """After each optimizer step: `size` samples (all ranks), rank 0's mean `loss`, the step's `lr`;
-        `global_step` counts the run's steps (the points fall on the same steps after a resume)."""
+        `global_step` counts the run's steps (the points fall on the same steps after a resume); `noise`: the
+        gradient noise scale's estimator (noise.NoiseScale), whose smoothed values go next to the global batch."""
         self.step_seconds += seconds
         self.sync_seconds += sync_seconds
         self.steps += 1
@@ -135,6 +138,11 @@ class Monitor:
                 w.add_scalar("step/lr", lr, self.seen)
                 w.add_scalar("step/global_batch", self.plan.global_batch, self.seen)
                 w.add_scalar("step/samples_per_sec", samples / max(now - self._window_start, 1e-9), self.seen)
+                for tag, value in (("b_noise", getattr(noise, "b_noise", None)),
+                                   ("grad_sqr", getattr(noise, "grad_sqr", None)),
+                                   ("variance", getattr(noise, "variance", None))):
+                    if value is not None:
+                        w.add_scalar(f"noise/{tag}", value, self.seen)
                 self._window, self._window_start = [0, 0.0], now
         if self.bar is not None:
             self.done += size
@@ -142,6 +150,15 @@ class Monitor:
             rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
             self.bar.set_postfix(loss=f"{loss:.4f}", sps=f"{rate:.0f}", batch=self.plan.global_batch,
                                  accum=self.plan.accum_steps, refresh=False)
+
+    def growth(self, decision: dict) -> None:
+        """mode=noise grew the batch (growth.py logged it): a TensorBoard text where it takes effect."""
+        if not self.main:
+            return
+        text = (f"global batch {decision['from_batch']} -> {decision['to_batch']} from epoch {decision['epoch']} "
+                f"(step {decision['global_step']}): B_noise {decision['b_noise']:.1f} after {decision['checks']} checks, "
+                f"lr {decision['lr']:.5g}")
+        self.writer("steps").add_text("noise/growth", text, self.seen)
 
     def wait_share(self) -> float:
         return self.sync_seconds / self.step_seconds if self.step_seconds > 0 else 0.0

@@ -30,7 +30,8 @@ SCALING_RULES = {
     "sqrt": math.sqrt,  # Krizhevsky 2014 / Hoffer et al.: alpha proportional to sqrt(B)
     "none": lambda ratio: 1.0,
 }
-MODES = ("adaptive", "fixed")
+MODES = ("adaptive", "fixed", "noise")
+CHECKS_PER_EPOCH = 4  # mode=noise: the gradient noise scale is checked at every quarter of an epoch
 
 
 @dataclass(frozen=True)
@@ -69,12 +70,20 @@ class ScheduleConfig:
     stages: List[str] = _f([], "explicit stages as epoch:global_batch, e.g. 0:128,20:256 (overrides interval); "
                                "in YAML also a mapping {0: 128, 20: 256}", parse=lambda v: _stage_list(v))
     max_batch: Optional[int] = _f(None, "largest global batch; growth stops there")
-    mode: str = _f("adaptive", "adaptive (AdaBatch) or fixed (baseline: same LR decay, constant batch)")
+    mode: str = _f("adaptive", "adaptive (AdaBatch: grow every `interval` epochs or at `stages`), fixed (baseline: "
+                               "same LR decay, constant batch) or noise (grow by growth_factor at an epoch's end "
+                               "when the measured gradient noise scale says so; see noise_multiple)")
     scaling: str = _f("linear", "LR scaling rule in the batch: linear, sqrt or none")
     lr_decay: float = _f(0.375, "LR step decay at each stage boundary (paper: 0.375; AdaBatch x2 gives 0.75)")
     warmup_epochs: float = _f(0.0, "linear LR warmup length in epochs (Goyal et al.); 0 = off")
     warmup_start_factor: float = _f(0.1, "warmup starts at this fraction of the LR")
     reference_batch: Optional[int] = _f(None, "if set, optim.lr is the LR per this many samples (e.g. 256)")
+    noise_multiple: float = _f(1.0, "mode=noise: grow when the smoothed gradient noise scale B_noise is at least "
+                                    "this multiple of the next global batch ...")
+    noise_checks: int = _f(4, "mode=noise: ... at this many checks in a row (4 per epoch, at every quarter); the "
+                              "batch grows at the end of the epoch of the last one, at most max_batch")
+    noise_half_life: float = _f(50000.0, "samples over which the noise scale's moving averages halve (measured in "
+                                         "every mode; checks count only after this many samples)")
     max_micro_batch: Optional[Union[int, str]] = _f(
         None, "per-worker memory cap: larger per-worker batches are accumulated; 'auto' times a few divisors of "
               "the per-worker batch at the start of each stage and keeps the fastest that fits (on CUDA an "
@@ -92,6 +101,7 @@ class Schedule(ScheduleConfig):
     per-epoch numbers. Every setting is checked here, once; a Schedule cannot be changed once built."""
 
     lr: float = None  # optim.lr; required (None only because the fields above have defaults)
+    grown: Tuple[int, ...] = ()  # mode=noise: the epochs at which the batch grew, as decided while training
 
     @classmethod
     def of(cls, section: ScheduleConfig, lr: float) -> "Schedule":
@@ -108,6 +118,17 @@ class Schedule(ScheduleConfig):
         if self.lr is None:
             raise TypeError("Schedule() needs the learning rate: lr=... (optim.lr)")
         self.stages = parse_stages(self.stages)
+        self.grown = tuple(int(e) for e in self.grown)
+        if self.mode == "noise":
+            if self.stages:
+                raise UserError("schedule.mode=noise decides the stages while training; drop schedule.stages")
+            if not self.noise_multiple > 0 or not self.noise_multiple < math.inf:
+                raise UserError(f"schedule.noise_multiple must be a finite number > 0, got {self.noise_multiple}")
+            if self.noise_checks < 1:
+                raise UserError(f"schedule.noise_checks must be >= 1, got {self.noise_checks}")
+        if not self.noise_half_life > 0 or not self.noise_half_life < math.inf:
+            raise UserError(f"schedule.noise_half_life must be a finite number of samples > 0, got "
+                            f"{self.noise_half_life}")
         if not 0 < self.epochs <= MAX_EPOCHS:
             raise UserError(f"schedule.epochs must be > 0, got {self.epochs}" if self.epochs <= 0 else
                             f"schedule.epochs must be at most {MAX_EPOCHS}, got {self.epochs}")
@@ -162,6 +183,15 @@ class Schedule(ScheduleConfig):
                                 f"positive")
 
     # ---- stages --------------------------------------------------------------------------
+    def grow_at(self, epoch: int) -> "Schedule":
+        """mode=noise: this schedule with one more stage, from `epoch` on (a decision taken while training)."""
+        return replace(self, grown=(*self.grown, epoch))
+
+    def can_grow(self, epoch: int) -> bool:
+        """mode=noise: whether a stage from `epoch` on would have a larger batch (max_batch bounds it)."""
+        return self.mode == "noise" and epoch < self.epochs and self.grow_at(epoch).global_batch(epoch) > \
+            self.global_batch(epoch)
+
     @property
     def first_batch(self) -> int:
         return self.stages[0][1] if self.stages else self.initial_batch
@@ -170,10 +200,12 @@ class Schedule(ScheduleConfig):
         """Epochs at which a stage starts (0 included); the LR decays at every later one."""
         if self.stages:
             return [e for e, _ in self.stages if e < self.epochs]
+        if self.mode == "noise":
+            return [0, *(e for e in self.grown if e < self.epochs)]
         return range(0, self.epochs, self.interval)
 
     def stage_of(self, epoch: float) -> int:
-        if self.stages:
+        if self.stages or self.mode == "noise":
             return bisect.bisect_right(self.boundaries(), epoch) - 1
         last = (self.epochs - 1) // self.interval
         return min(int(epoch // self.interval), last) if epoch >= 0 else -1

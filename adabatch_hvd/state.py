@@ -16,6 +16,7 @@ import torch
 
 from . import dist
 from .microbatch import MicroBatchTuner
+from .noise import NoiseScale
 
 
 @dataclass
@@ -41,13 +42,17 @@ class TrainState:
     scaler: torch.amp.GradScaler | None = None
     """optim.precision=fp16: the accumulator's gradient scaler, whose scale and growth tracker are saved,
     broadcast and committed with the rest, so that a resume or a rollback scales as the run would have"""
+    noise: NoiseScale = field(default_factory=NoiseScale)  # the gradient noise scale's smoothed estimates
+    noise_streak: int = 0  # mode=noise: checks passed in a row
+    growth: list = field(default_factory=list)  # mode=noise: the decisions taken, oldest first (growth.py)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "offset": self.offset, "global_step": self.global_step,
                 "partial_sums": self.partial.clone(), "partial_seconds": self.partial_seconds,
                 "world_size": self.world_size, "resizes": copy.deepcopy(self.resizes),
                 "last_record": copy.deepcopy(self.last_record), "record_pending": self.record_pending,
-                "micro_batch": self.micro.state_dict(),
+                "micro_batch": self.micro.state_dict(), "noise_scale": self.noise.state_dict(),
+                "noise_streak": self.noise_streak, "growth": copy.deepcopy(self.growth),
                 **({"grad_scaler": self.scaler.state_dict()} if self.scaler is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
@@ -60,6 +65,10 @@ class TrainState:
         self.last_record = copy.deepcopy(state.get("last_record"))
         self.record_pending = state.get("record_pending", False)
         self.micro.load_state_dict(state.get("micro_batch", {}))
+        if "noise_scale" in state:  # not in checkpoints of earlier versions: the estimate starts afresh
+            self.noise.load_state_dict(state["noise_scale"])
+        self.noise_streak = state.get("noise_streak", 0)
+        self.growth = copy.deepcopy(state.get("growth", []))
         if self.scaler is not None and state.get("grad_scaler"):  # none: fp32/bf16 or an earlier version
             self.scaler.load_state_dict(state["grad_scaler"])
 

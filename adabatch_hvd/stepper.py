@@ -89,6 +89,8 @@ class Stepper:
             self._out_of_memory(plan, item.size)
             return None
         loss_sum, correct, count, flags = result
+        if self.acc.noise_inputs is not None:  # the same allreduced numbers on every rank: the same estimate
+            self.state.noise.update(*self.acc.noise_inputs)
         loss = float(loss_sum) / max(count, 1)
         if not math.isfinite(loss):
             st = self.state

@@ -8,6 +8,7 @@ size before anything trains. The rooms around the loop:
     stepper.py   the epoch's steps on this rank: samples, micro-batches, one optimizer step each
     resume.py    a fresh start's agreement on the run dir, and the checkpoint it goes on from
     elastic.py   the world the loop runs in: fixed, or elastic with commits and rollbacks
+    growth.py    schedule.mode=noise: when the batch grows, from the gradient noise scale (noise.py)
     rundir.py    the run dir's files: lock, records, train.log, config history
     monitor.py   log lines and TensorBoard
 """
@@ -26,8 +27,10 @@ from .config import Config, build_schedule, dump_yaml, to_dict
 from .data import build_dataset
 from .elastic import ElasticWorld, FixedWorld
 from .errors import NonFiniteLoss, UserError
+from .growth import Growth, replay
 from .models import build_model, has_batchnorm
 from .monitor import Monitor
+from .noise import NoiseScale
 from .resume import Resume, agree
 from .sampler import sample_digest
 from .signals import StopRequest
@@ -72,7 +75,7 @@ class Trainer:
         self.threads = threads
         self.stop = StopRequest()  # first: a SIGTERM during set-up stops the run at its first step
         self.device = pick_device(cfg.run.device)
-        self.schedule = build_schedule(cfg)
+        self.schedule = self.base_schedule = build_schedule(cfg)  # schedule: with the growth decided so far
         self.run_dir = Path(cfg.run.run_dir)
         self.ckpt_dir = self.run_dir / rundir.CHECKPOINTS
         d = cfg.data
@@ -95,9 +98,14 @@ class Trainer:
                                weight_decay=o.weight_decay, nesterov=o.nesterov)
         self.optimizer = dist.distributed_optimizer(base, self.model, compression=cfg.comm.compression)
         # On CUDA, auto also survives out-of-memory errors: the ranks agree on them after each step's passes.
-        self.acc = Accumulator(self.model, self.optimizer, dist.size(), precision=o.precision,
+        # The step's scalars (stop flag, noise-scale inputs) ride on its gradient exchange; an elastic run gives them
+        # an allreduce of their own (a host dying mid-step left the survivors' fused Gloo buffers of different sizes).
+        self.acc = Accumulator(self.model, self.optimizer, dist.size(), precision=o.precision, noise=True,
+                               fuse=not cfg.run.elastic,
                                oom_guard=cfg.schedule.max_micro_batch == "auto" and self.device.type == "cuda")
-        self.state = TrainState(scaler=self.acc.scaler)  # fp16: the scaler's state travels with the train state
+        # fp16: the scaler's state travels with the train state, and so does the noise scale's
+        self.state = TrainState(scaler=self.acc.scaler, noise=NoiseScale(cfg.schedule.noise_half_life))
+        self.growth = Growth(self.base_schedule, self.n_train)
         self.components = Components(self.model, self.optimizer, self.state)
         self.resume = Resume(cfg, self.run_dir, self.components, self.train_set.info.num_classes, self.n_train)
         self.stepper = Stepper(cfg, self.train_set, self.n_train, self.acc, self.state, self.device, self.ckpt_dir)
@@ -116,8 +124,7 @@ class Trainer:
         accumulator's loss scale and rank 0's duties (log file, metrics, TensorBoard, checkpoints)."""
         self.rank, self.world = dist.rank(), dist.size()
         self.main = self.rank == 0
-        # A world size the user did not choose (elastic) may not divide the global batch: uneven shares.
-        self.plans = self.schedule.plan(self.world, self.cfg.schedule.max_micro_batch, even=not self.workers.elastic)
+        self._plan()
         if self.n_train < self.world:
             raise UserError(f"the training set has {self.n_train} samples, fewer than {self.world} workers")
         self.acc.world_size = self.world
@@ -130,6 +137,12 @@ class Trainer:
             self.monitor = Monitor(self.cfg, self.main, self.run_dir, self.n_train, self.state.epoch, self.state.offset,
                                    resumed=bool(self.cfg.run.resume))
         self.stepper.bind(self.rank, self.world, self.monitor)
+
+    def _plan(self) -> None:
+        """Every epoch's numbers for this world, with the growth decided so far (mode noise)."""
+        self.schedule = replay(self.base_schedule, self.state.growth)
+        # A world size the user did not choose (elastic) may not divide the global batch: uneven shares.
+        self.plans = self.schedule.plan(self.world, self.cfg.schedule.max_micro_batch, even=not self.workers.elastic)
 
     def _close_files(self) -> None:
         monitor, self.monitor = self.monitor, None
@@ -162,6 +175,7 @@ class Trainer:
         if not self.started:
             self.started = True
             self.bind_world()
+        self._plan()  # the growth decisions of the state loaded
         st = self.state
         if fresh and self.main and st.epoch < self.schedule.epochs:
             rundir.write_config(self.run_dir, dump_yaml(cfg), self.resume.changes,
@@ -220,24 +234,21 @@ class Trainer:
         local = torch.zeros(4, dtype=torch.float64)  # this rank's sums since the last fold
         for item in self.stepper.remaining(plan):
             t_step = time.perf_counter()
-            # The stop flag rides on the step's gradient exchange; an elastic run agrees on it with a collective of
-            # its own (a host dying mid-step left the survivors' fused Gloo buffers of different sizes: see README).
-            flag = None if self.workers.elastic else self.stop.flag()
             lr = self.schedule.lr_at(st.epoch + item.step.start / n)
-            result = self.stepper.run(plan, item, lr, flag)
+            result = self.stepper.run(plan, item, lr, self.stop.flag())  # the flag rides on the step's exchange
             if result is None:
                 continue  # a rank ran out of memory; nothing was updated: the step is redone smaller
             local += result.sums
             st.offset, st.global_step = item.step.start + item.step.size, st.global_step + 1
             steps += 1
             self.trained = True
+            self.growth.after_step(st, self.schedule, item.step.start, st.offset)
             self.monitor.step(item.step.size, result.loss, time.perf_counter() - t_step, self.acc.sync_seconds, lr,
-                              st.global_step)
+                              st.global_step, st.noise)
             self.stepper.tune(plan, time.perf_counter() - t_step, item.step.size)
             if self.resize is not None:
                 self._report_resize()
-            if (self.stop.agree(result.flags) if flag is not None else self.stop.check()) or \
-                    steps == cfg.run.stop_after_steps:
+            if self.stop.agree(result.flags) or steps == cfg.run.stop_after_steps:
                 self._fold(local, time.perf_counter() - t0)
                 self._save()  # a clean stop keeps its exact position
                 dist.barrier()  # no rank exits (and makes the launcher kill the others) before it is written
@@ -303,6 +314,7 @@ class Trainer:
             "world_size": self.world, "global_step": st.global_step,
             "allreduce_wait_share": self.monitor.wait_share(),  # rank 0's share of step time in optimizer.step()
             "world_size_changes": st.resizes, "samples_used": int(count), "sample_digest": int(digest),
+            "b_noise": st.noise.b_noise, "noise_grad_sqr": st.noise.grad_sqr, "noise_variance": st.noise.variance,
         }
         expected = sample_digest(range(self.n_train), st.epoch)
         if (int(count), int(digest)) != (self.n_train, expected) and self.main:
@@ -310,7 +322,12 @@ class Trainer:
                       st.epoch, count, digest, self.n_train, expected)
         if self.stepper.tried(plan):  # what the stage's micro-batch was chosen from
             record["micro_batch_tried"] = self.stepper.tried(plan)
+        decision = self.growth.at_epoch_end(st, self.schedule, self.main)
+        if decision is not None:
+            record["growth"] = decision
+            self.monitor.growth(decision)
         st.epoch, st.offset = st.epoch + 1, 0
+        self._plan()
         st.partial.zero_()
         st.partial_seconds = 0.0
         st.resizes = []

@@ -7,7 +7,10 @@ For the fmnist_cnn and MLP models at the default config's first-stage batch (64 
 Accumulator step is timed three ways, interleaved in rounds so that load changes hit all three alike:
 - none: no agreement at all;
 - separate: the agreement as a collective of its own after the step (StopRequest.check, as before);
-- fused: the flag riding on the step's gradient exchange (Accumulator.step's scalars, as now).
+- fused: the flag riding on the step's gradient exchange (Accumulator.step's scalars, as now);
+- fused+noise: that, plus the gradient noise scale's measurement (Accumulator(noise=True): per-pass norm
+  hooks, three more scalars in the same exchange, the averaged gradient's norm, NoiseScale.update), as the
+  trainer runs it; its cost against `fused` is the noise scale's own (issue 20: goal <= 1% of a step).
 Rank 0 prints each one's median step time and what the agreement adds to a step (median over rounds
 of the per-round difference), in microseconds and as a share of the step.
 """
@@ -22,6 +25,7 @@ from adabatch_hvd import dist
 from adabatch_hvd.accumulation import Accumulator
 from adabatch_hvd.data import DatasetInfo
 from adabatch_hvd.models import build_model
+from adabatch_hvd.noise import NoiseScale
 from adabatch_hvd.signals import StopRequest
 
 
@@ -42,6 +46,15 @@ def main(rounds=30, steps=20):
         model = build_model(name, info)
         opt = dist.distributed_optimizer(torch.optim.SGD(model.parameters(), lr=0.01), model)
         acc = Accumulator(model, opt, dist.size())
+        measured = Accumulator(model, opt, dist.size(), noise=True)  # the same model and optimizer, hooks on
+        measured.norms.enabled = False
+        estimate = NoiseScale()
+
+        def with_noise():
+            measured.norms.enabled = True
+            stop.agree(measured.step(batch, size, 1, stop.flag())[3])
+            measured.norms.enabled = False
+            estimate.update(*measured.noise_inputs)
         batch = [(torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,)))]
         size = 64 * dist.size()
 
@@ -51,7 +64,7 @@ def main(rounds=30, steps=20):
             stop.check()
 
         ways = {"none": lambda: acc.step(batch, size, 1), "separate": separate,
-                "fused": lambda: stop.agree(acc.step(batch, size, 1, stop.flag())[3])}
+                "fused": lambda: stop.agree(acc.step(batch, size, 1, stop.flag())[3]), "fused+noise": with_noise}
         for fn in ways.values():
             timed(fn, steps)  # warm up
         times = {k: [] for k in ways}
@@ -60,9 +73,11 @@ def main(rounds=30, steps=20):
                 times[k].append(timed(fn, steps))
         base = statistics.median(times["none"])
         added = {k: statistics.median(a - b for a, b in zip(times[k], times["none"])) for k in ("separate", "fused")}
+        noise = statistics.median(a - b for a, b in zip(times["fused+noise"], times["fused"]))
         lines.append(f"  {name}: step {base * 1e3:.2f} ms; agreement adds: separate {added['separate'] * 1e6:.0f} us "
                      f"({added['separate'] / base:.1%}), fused {added['fused'] * 1e6:.0f} us "
-                     f"({added['fused'] / base:.1%})")
+                     f"({added['fused'] / base:.1%}); the noise scale adds {noise * 1e6:.0f} us ({noise / base:.1%}) "
+                     f"(B_noise {estimate.b_noise})")
     if dist.is_main():
         print(f"world size {dist.size()}, {rounds} rounds of {steps} steps each way:")
         print("\n".join(lines))
