@@ -1,10 +1,11 @@
-# adabatch-hvd: `make train` runs the main job, `make test` runs the tests; both set up first.
+# adabatch-hvd: `make train` runs the main job, `make test` runs every test, `make test-fast` the fast ones
+# (no cluster, no Horovod job of several ranks, no build: the markers in pytest.ini); all set up first.
 SHELL := /bin/bash
 PY := .venv/bin/python
 NP ?= 2
 RUN_DIR ?= runs/fashion_mnist-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup train test bench bench-quick docker-check clean
+.PHONY: setup train test test-fast bench bench-quick docker-check clean
 
 setup:
 	@./launch/setup.sh
@@ -14,6 +15,9 @@ train: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests
 
 bench: setup
 	$(PY) benchmarks/bench.py

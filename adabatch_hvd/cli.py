@@ -7,7 +7,6 @@ and exit code 75; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-import argparse
 import errno
 import logging
 import os
@@ -16,19 +15,12 @@ import sys
 import threading
 
 from . import config, sampler, signals
+from . import exitstatus
 from .errors import (EXIT_DISK_FULL, EXIT_INTERRUPTED, EXIT_LOST_PEERS, EXIT_NON_FINITE, EXIT_STOPPED, EXIT_USER,
-                     DiskFull, NonFiniteLoss, OneLineParser, UserError, print_error)
+                     DiskFull, NonFiniteLoss, UserError, print_error)
 
 
-def _parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = OneLineParser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", "-c", metavar="FILE.yaml", help="YAML config; flags below override it")
-    config.add_arguments(p)
-    return p
-
-
-def _overrides(args) -> dict:
-    return {k: v for k, v in vars(args).items() if "." in k}
+_parser, _overrides = config.parser, config.overrides  # (also read by the supervisor: exitstatus.run_dir_of)
 
 
 def _setup_logging(rank) -> None:
@@ -49,6 +41,7 @@ def _setup_logging(rank) -> None:
                         datefmt="%H:%M:%S", stream=sys.stderr)
 
 
+@exitstatus.recorded  # how this rank ended, for the launcher's supervisor (exitstatus.py)
 def train_main(argv=None) -> int:
     """adabatch-train: run (or resume) an AdaBatch training job on every Horovod rank."""
     signals.install()  # first: a stop request during set-up stops the run at its first step
@@ -58,11 +51,13 @@ def train_main(argv=None) -> int:
     cfg = None
     try:
         cfg = config.from_args(args.config, _overrides(args))
+        exitstatus.note(run_dir=cfg.run.run_dir)
         config.build_schedule(cfg)  # schedule errors before Horovod starts
         from . import dist
 
         threads = dist.init(cfg.run.threads, cfg.comm.horovod_env())
         me = dist.rank()  # (Horovod may be shut down when it is needed below)
+        exitstatus.note(rank=me, size=dist.size())
         _setup_logging(dist.rank)
         if threads.warning and dist.local_rank() == 0:  # once per host
             logging.getLogger("adabatch_hvd.dist").warning(threads.warning)
@@ -70,26 +65,31 @@ def train_main(argv=None) -> int:
             trainer = _train(cfg, threads)
         except NonFiniteLoss as e:
             print_error(prog, e)
+            exitstatus.note(message=str(e))
             return EXIT_NON_FINITE
         except dist.HorovodInternalError as e:  # not elastic: a rank or host was lost
             print(f"{prog}: error: rank {me} lost its peers ({_first_sentence(e)}); the job ends, and the same "
                   f"command with --resume auto continues from the last checkpoint written, if there is one",
                   file=sys.stderr)
+            exitstatus.note(message=f"rank {me} lost its peers ({_first_sentence(e)})")
             return EXIT_LOST_PEERS
         if trainer.stop.agreed:
             if dist.is_main():
                 print(f"{prog}: stopped on request ({trainer.stop.received or 'a signal to another rank'}) with "
                       f"a checkpoint in {trainer.ckpt_dir}; the same command with --resume auto continues",
                       file=sys.stderr)
+            exitstatus.note(message=f"stopped on request ({trainer.stop.received or 'a signal to another rank'})")
             return EXIT_STOPPED
     except UserError as e:
         print_error(prog, e)
+        exitstatus.note(message=str(e))
         return EXIT_USER
     except OSError as e:
         if not isinstance(e, DiskFull) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         full = e if isinstance(e, DiskFull) else DiskFull(e.filename or (cfg.run.run_dir if cfg else "."))
         print_error(prog, full)
+        exitstatus.note(message=str(full))
         return EXIT_DISK_FULL
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 
 import yaml
 
-from .errors import UserError, suggest
+from .errors import OneLineParser, UserError, suggest
 from .limits import MAX_CONFIG_BYTES, read_limited
 from .schedule import MAX_EPOCHS, Schedule, ScheduleConfig, _f, check_lr
 
@@ -582,3 +582,16 @@ def resume_changes(saved: dict, cfg: Config, epoch: int, offset: int) -> dict:
             raise UserError(f"resume changes {keys}, which changes epoch {e} (already run): global batch "
                             f"{was[0]} -> {now[0]}, lr {was[1]:.5g} -> {now[1]:.5g}; {fix}")
     return changes
+
+
+def parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """adabatch-train's (and adabatch-plan's) command line: --config and a flag per config field."""
+    p = OneLineParser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", "-c", metavar="FILE.yaml", help="YAML config; flags below override it")
+    add_arguments(p)
+    return p
+
+
+def overrides(args) -> dict:
+    """The config fields given as flags, {'section.field': value}."""
+    return {k: v for k, v in vars(args).items() if "." in k}

@@ -16,10 +16,22 @@ job cleanly, nothing of it is left running, and a failed rank ends in one line w
   outlive `horovodrun --mpi` when it is killed, for instance).
 - horovodrun's traceback and mpirun's banners about a rank that exited non-zero become one line.
 
+The decision comes from what the ranks wrote, not from the launcher's wording: when the command runs
+adabatch-train, its run dir (read from the training arguments as adabatch-train reads them) gets
+RUN_DIR/.status/JOB/ before the command starts, JOB goes to the ranks as ADABATCH_JOB_ID, and each rank
+writes there how it ended (rank, host, exit code, cause, message; exitstatus.py). They are read once
+the command has ended, and removed. A rank of the job's world size that wrote none was killed
+(SIGKILL, the out-of-memory killer, a lost host). Only where no rank wrote one (a command without
+adabatch-train, or ranks that died before they read their config) do horovodrun's and mpirun's
+reports, which the filter takes out of the output, give the failed rank and its code.
+
 Exit code, after a signal: 75 when the ranks stopped with a checkpoint (a rank's code 75, which it
 returns only once the checkpoint is written), 0 when the job had finished anyway, else 128 + the
-signal's number (130 for Ctrl-C). Without one: the failed rank's code (2: bad input, 3: NaN loss,
-75: stopped with a checkpoint), else the command's.
+signal's number (130 for Ctrl-C). Without one, when the command failed: 75 when a rank stopped on a
+request of its own with a checkpoint, else the code of the first rank that failed for a cause of its
+own (2: bad input, 3: NaN loss, 4: disk full, 1: a crash), else the launcher's code for a rank that
+wrote no status (its report of that rank, else the command's), else a lost rank's 1, else the
+command's.
 """
 
 from __future__ import annotations
@@ -34,10 +46,11 @@ import time
 
 import psutil
 
+from . import exitstatus
 from .errors import EXIT_STOPPED
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
-RANK_VARS = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK")
+RANK_VARS = exitstatus.RANK_VARS
 KILL_AFTER = 15.0  # seconds from the session's SIGTERM to SIGKILL
 REPEAT_WINDOW = 1.0  # seconds after the first signal in which another is the same request delivered twice
 
@@ -176,16 +189,21 @@ class Supervisor:
         self.stop_signal = self.signalled_at = None
         self.deadline = None  # when to escalate: the grace period, then the kill
         self.killing = False  # signal handlers and the wait loop both run in the main thread: no lock
+        self.killed_at = None  # time.time() of the kill (a second signal, or the grace period's end)
 
     def say(self, text: str) -> None:
         print(f"{self.name}: {text}", file=sys.stderr, flush=True)
 
     def run(self) -> int:
+        self.status = exitstatus.Job.prepare(self.cmd)  # None: no adabatch-train run dir in the command
         try:
             self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                         start_new_session=True, bufsize=0)
+                                         start_new_session=True, bufsize=0,
+                                         env=self.status.env() if self.status else None)
         except OSError as e:
             self.say(f"cannot run {self.cmd[0]}: {e.strerror}")
+            if self.status:
+                self.status.remove()
             return 127
         for s in STOP_SIGNALS:
             signal.signal(s, self._on_signal)
@@ -210,31 +228,74 @@ class Supervisor:
             self.say(f"killed {len(left)} process(es) of the job still running after it ended: "
                      f"{', '.join(sorted({_name(p) for p in left}))}")
         rc = 128 - rc if rc < 0 else rc
+        facts = exitstatus.Outcome()
+        if self.status:
+            facts = self.status.read()
+            self.status.remove()
         if self.stop_signal is not None:
-            return self._stopped(rc, filt)
-        if filt.code is not None and rc != 0:
-            self.say(f"rank {filt.rank} exited with code {filt.code}")
-            return filt.code
-        return rc
+            return self._stopped(rc, filt, facts)
+        if rc == 0:
+            return 0
+        code, line = self._failure(rc, filt, facts)
+        if line:
+            self.say(line)
+        return code
 
-    def _stopped(self, rc: int, filt: Filter) -> int:
+    @staticmethod
+    def _failure(rc: int, filt: Filter, facts: exitstatus.Outcome):
+        """(exit code, line) for a command that ended with `rc` != 0: from the ranks' statuses, or,
+        where there are none, from the launcher's report that the filter found (else its code alone)."""
+        if not facts:
+            if filt.code is not None:
+                return filt.code, f"rank {filt.rank} exited with code {filt.code}"
+            return rc, None
+        first = facts.stopped or facts.failed
+        if first:
+            return first.code, first.describe()
+        missing = facts.missing
+        if missing:
+            # The ranks' statuses say who ended without one; only the number is the launcher's (the
+            # code it reports for that rank, e.g. 255 for a lost host, else its own).
+            code = filt.code if filt.code is not None and str(filt.rank) in map(str, missing) else rc
+            many = len(missing) > 1
+            return code, (f"rank{'s' if many else ''} {', '.join(map(str, missing))} ended without writing "
+                          f"{'their' if many else 'its'} exit status: killed (SIGKILL, the out-of-memory killer) "
+                          f"or {'their hosts' if many else 'its host'} lost; the launcher ended with code {code}")
+        if facts.lost_peers:
+            return facts.lost_peers.code, facts.lost_peers.describe()
+        return rc, f"every rank exited with code 0, but the launcher ended with code {rc}"
+
+    def _stopped(self, rc: int, filt: Filter, facts: exitstatus.Outcome) -> int:
         """The line and exit code after a stop signal, from what the ranks did rather than what was asked.
 
         A rank exits 75 only after the stop's checkpoint is written and every rank has passed the
-        barrier behind it, so one rank's 75 (horovodrun's report, or mpirun's and srun's own exit
-        code) means every rank stopped there, even if a repeated signal killed the rest afterwards.
+        barrier behind it, so one rank's 75 (its status; without statuses, horovodrun's report; or
+        mpirun's and srun's own exit code) means every rank stopped there, even if a repeated signal
+        killed the rest afterwards.
         """
         name = self.stop_signal.name
-        if EXIT_STOPPED in (filt.code, rc):
+        if facts:
+            # A stop that a rank completed only once the job was being killed (mpirun, for one, wakes
+            # stopped ranks with SIGCONT before its SIGTERM) does not count: the job was killed.
+            stop = facts.stopped
+            told = stop is not None and (self.killed_at is None or stop.time <= self.killed_at)
+        else:
+            told = filt.code == EXIT_STOPPED
+        if told or rc == EXIT_STOPPED:
             self.say(f"stopped by {name}: every rank stopped at the same step, with a checkpoint; the same "
                      f"command with --resume auto continues")
             return EXIT_STOPPED
         if rc == 0:
             self.say(f"{name} came as the job finished: nothing was stopped")
             return 0
+        failed = (facts.failed or facts.lost_peers) if facts else None
         if self.killing:
             how = "the job was killed before its ranks stopped"
-        elif filt.code is not None:
+        elif failed is not None:
+            how = f"{failed.describe()} before the ranks stopped together"
+        elif facts and facts.missing:
+            how = f"rank {facts.missing[0]} was killed before the ranks stopped together"
+        elif filt.code is not None and not facts:
             how = f"rank {filt.rank} exited with code {filt.code} before the ranks stopped together"
         else:
             how = f"the job ended with code {rc} before its ranks stopped together"
@@ -275,7 +336,7 @@ class Supervisor:
 
     def _kill(self) -> None:
         if not self.killing:
-            self.killing = True
+            self.killing, self.killed_at = True, time.time()
             try:
                 os.killpg(self.proc.pid, signal.SIGTERM)
             except OSError:

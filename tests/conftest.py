@@ -1,10 +1,13 @@
 """Shared helpers: run a worker script under horovodrun with 2 ranks (Gloo or MPI)."""
 
+import ast
+import functools
 import json
 import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -33,12 +36,17 @@ def hvd_env(**extra):
     return env
 
 
-def horovodrun(args, controller="gloo", np=2, timeout=300, env=None, check=True):
-    """Run `horovodrun -np N -H localhost:N --gloo|--mpi ARGS...` and return the CompletedProcess."""
+def horovodrun_cmd(args, controller="gloo", np=2):
+    """`horovodrun -np N -H localhost:N --gloo|--mpi ARGS...` as a list of strings."""
     cmd = [str(BIN / "horovodrun"), "-np", str(np), "-H", f"localhost:{np}", f"--{controller}"]
     if controller == "mpi":
         cmd += ["--mpi-args=--oversubscribe"]
-    cmd += [str(a) for a in args]
+    return cmd + [str(a) for a in args]
+
+
+def horovodrun(args, controller="gloo", np=2, timeout=300, env=None, check=True):
+    """Run `horovodrun -np N -H localhost:N --gloo|--mpi ARGS...` and return the CompletedProcess."""
+    cmd = horovodrun_cmd(args, controller, np)
     proc = subprocess.run(cmd, cwd=ROOT, env=env or hvd_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
@@ -146,3 +154,115 @@ def reference_run(tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert records(run)[-1]["global_step"] == SMALL_STEPS
     return run
+
+
+# ---- markers -----------------------------------------------------------------------------------------------
+# What a test needs beyond this interpreter and a few seconds, set here rather than in each file (the markers
+# are described in pytest.ini). `make test-fast` (pytest -m "not slow") runs the rest, the pure tests, in a few
+# minutes; `make test` runs everything. A table entry is a module and either ALL of its tests or the names of
+# some (without parameters). A test that uses a fixture of BY_FIXTURE, or calls a helper of BY_CALL (itself, or
+# through a function or fixture of its file), gets those markers too, so that a new test is not fast by
+# mistake; IMPLIES adds the markers that a marker entails.
+ALL = None
+MARKS = {
+    # root: tests/cluster.py's hosts (network namespaces, a bridge, sshd), several hosts on this machine
+    "cluster": {"test_bench": ALL, "test_cluster": ALL, "test_elastic": ALL, "test_multinode": ALL,
+                "test_slurm": ALL},
+    # slurmctld and slurmd on the test cluster's hosts
+    "slurm": {"test_slurm": ALL},
+    # real Horovod jobs of several ranks on this host: horovodrun, mpirun or launch/run-local.sh
+    "horovodrun": {
+        "test_cli": ["test_indivisible_batch_under_horovodrun_exits_2_on_every_rank"],
+        "test_comm": ["test_fp16_halves_the_bytes_and_keeps_the_update_within_tolerance",
+                      "test_autotune_setting_reaches_horovods_core",
+                      "test_step_scalars_ride_in_the_gradients_fusion_buffer"],
+        "test_horovod": ["test_dist_ops_on_two_ranks", "test_engine_parity_across_k_changes",
+                         "test_engine_parity_negative_control"],
+        "test_microbatch": ["test_out_of_memory_on_one_rank_halves_and_keeps_exact_parity",
+                            "test_auto_picks_the_fastest_candidate_and_a_resume_keeps_it"],
+        "test_nocuda": ["test_wheel_allreduces_on_two_ranks_without_cuda"],
+        "test_noise": ["test_real_horovod_steps_give_the_exact_inputs"],
+        "test_packaging": ["test_run_local_really_launches_ranks"],
+        "test_precision": ["test_an_inf_on_one_rank_skips_that_step_on_every_rank_in_lockstep",
+                           "test_bf16_with_fp16_compression_is_correct",
+                           "test_the_scaler_state_is_synced_checkpointed_and_committed",
+                           "test_fp16_stop_and_resume_mid_stage_is_bit_identical"],
+        "test_resume_compat": ALL,
+        "test_resume": ["test_sigkill_mid_epoch_in_stage_two_then_resume_is_exact",
+                        "test_resume_on_another_world_size_keeps_the_global_batch",
+                        "test_tensorboard_events_have_every_tag", "test_report_png_for_two_runs",
+                        "test_killed_worker_ends_the_job_without_hanging"],
+        "test_signals": ["test_signal_stops_the_whole_job_then_resume_is_exact",
+                         "test_ctrl_c_to_a_process_group_with_timeout_in_it_is_a_clean_stop"],
+        "test_training": ALL,
+    },
+    # compiles Horovod (launch/build-horovod.sh; minutes unless its wheel cache holds the build) or runs
+    # launch/setup.sh
+    "build": {"test_nccl_build": ALL, "test_setup": ALL,
+              "test_nocuda": ["test_build_is_the_cpu_flavour_and_compiles",
+                              "test_wheel_has_pytorch_gloo_and_mpi_and_no_cuda",
+                              "test_wheel_allreduces_on_two_ranks_without_cuda"]},
+    # root: mounts (a small tmpfs), unshare, setpriv, or the test cluster
+    "root": {"test_lifecycle": ALL, "test_nocuda": ["test_build_is_the_cpu_flavour_and_compiles",
+                                                    "test_wheel_has_pytorch_gloo_and_mpi_and_no_cuda",
+                                                    "test_wheel_allreduces_on_two_ranks_without_cuda"],
+             "test_rundir": ["test_a_full_disk_is_one_line_and_exit_4_with_the_last_checkpoint_kept"]},
+    # one process, but long: many training runs
+    "slow": {"test_lifecycle": ALL},
+}
+BY_FIXTURE = {"make_cluster": ["cluster"], "reference_run": ["horovodrun"]}
+BY_CALL = {"horovodrun": ["horovodrun"], "run_worker": ["horovodrun"]}
+IMPLIES = {"slurm": ["cluster"], "cluster": ["root", "slow"], "horovodrun": ["slow"], "build": ["slow"]}
+
+
+@functools.lru_cache(maxsize=None)
+def _calls(path):
+    """For each top-level function of a test file (tests and fixtures): the names it calls, itself or
+    through the file's other functions."""
+    direct = {}
+    for node in ast.parse(Path(path).read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            direct[node.name] = {c.func.id for c in ast.walk(node)
+                                 if isinstance(c, ast.Call) and isinstance(c.func, ast.Name)}
+    closed = {}
+    for name in direct:
+        seen, todo = set(), [name]
+        while todo:
+            for callee in direct.get(todo.pop(), ()):
+                if callee not in seen:
+                    seen.add(callee)
+                    todo.append(callee)
+        closed[name] = seen
+    return closed
+
+
+def _marks_of(item):
+    module, name = item.path.stem, getattr(item, "originalname", item.name)
+    names = {m for m, table in MARKS.items() if module in table and (table[module] is ALL or name in table[module])}
+    names |= {m for fixture, marks in BY_FIXTURE.items() if fixture in item.fixturenames for m in marks}
+    calls = _calls(str(item.path))
+    reached = set().union(*(calls.get(f, set()) for f in [name, *item.fixturenames]))
+    names |= {m for helper, marks in BY_CALL.items() if helper in reached for m in marks}
+    todo = list(names)
+    while todo:
+        for m in IMPLIES.get(todo.pop(), []):
+            if m not in names:
+                names.add(m)
+                todo.append(m)
+    return names
+
+
+def pytest_collection_modifyitems(config, items):
+    modules = {}
+    for item in items:
+        for name in sorted(_marks_of(item)):
+            item.add_marker(name)
+        if getattr(item, "module", None):
+            modules.setdefault(item.path.stem, item.module)
+    # A test renamed or removed leaves a name here that marks nothing: say so rather than let it run as fast.
+    for mark, table in MARKS.items():
+        for module, names in table.items():
+            for name in names or []:
+                if module in modules and not hasattr(modules[module], name):
+                    warnings.warn(pytest.PytestConfigWarning(
+                        f"tests/conftest.py MARKS[{mark!r}] names {module}.{name}, which is not there"))

@@ -6,34 +6,23 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from adabatch_hvd import checkpoint
 from adabatch_hvd.errors import UserError
-from conftest import BIN, ROOT, horovodrun, hvd_env, processes_with, wait_for
+from conftest import (BIN, ROOT, TIMING, final_weights, horovodrun_cmd, hvd_env, processes_with, records,
+                      wait_for)
 
 RUN = ["--config", "configs/fashion_mnist.yaml", "--train-samples", "3000", "--test-samples", "1000",
        "--epochs", "4", "--interval", "2", "--initial-batch", "32", "--max-micro-batch", "16",
        "--every-steps", "3", "--keep", "4", "--quiet", "true"]
 STAGE1_FIRST_STEP = 2 * 94  # stage 0: 2 epochs of ceil(3000 / 32) = 94 steps
-TIMING = ("epoch_seconds", "samples_per_second", "allreduce_wait_share")
 
 
 def hvd_cmd(run_dir, *extra, np=2):
-    return [str(BIN / "horovodrun"), "-np", str(np), "-H", f"localhost:{np}", "--gloo", sys.executable, "-m",
-            "adabatch_hvd", *RUN, "--run-dir", str(run_dir), *map(str, extra)]
-
-
-def records(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def final_weights(run_dir):
-    state, _ = checkpoint.load("latest", Path(run_dir) / "checkpoints")
-    return state["model"]
+    return horovodrun_cmd([sys.executable, "-m", "adabatch_hvd", *RUN, "--run-dir", run_dir, *extra], np=np)
 
 
 @pytest.fixture(scope="module")
@@ -226,10 +215,11 @@ t.fit()
 for changes in (["epoch_seconds"], ["world_size", "global_step"]):
     for change in changes:
         t.state.last_record[change] += 1
-    t._open_files()
+    t.bind_world()  # rank 0's files opened again, as after an elastic reset
     t.state.record_pending = True
     t._publish_epoch(again=True)
     t._close_files()
+t.hold.release()
 """
     args = ["--config", "configs/fashion_mnist.yaml", "--model.name", "mlp", "--train-samples", "200",
             "--test-samples", "100", "--epochs", "2", "--initial-batch", "50", "--quiet", "true"]
