@@ -14,14 +14,14 @@ import warnings
 from pathlib import Path
 
 from .errors import OneLineParser, UserError, one_line, print_error
-from .rundir import read_metrics
+from .rundir import CONFIG, METRICS, read_metrics
 
 PANELS = (("test_acc", "test accuracy"), ("train_loss", "train loss"), ("global_batch", "global batch"),
           ("lr", "learning rate"))
 
 
 def read_run(run_dir: Path) -> list:
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS
     if not path.is_file():
         raise UserError(f"{path} not found; is {run_dir} a run dir?")
     try:
@@ -37,7 +37,7 @@ def label(run_dir: Path) -> str:
     from .config import load_yaml
 
     try:
-        mode = load_yaml(Path(run_dir) / "config.yaml")["schedule"]["mode"]  # bounded in size and aliases
+        mode = load_yaml(Path(run_dir) / CONFIG)["schedule"]["mode"]  # bounded in size and aliases
     except Exception:  # noqa: BLE001 - no readable config: the name alone
         mode = ""
     return f"{Path(run_dir).name} ({mode})" if isinstance(mode, str) and mode else Path(run_dir).name
