@@ -251,15 +251,10 @@ class Job:
     def remove(self) -> None:
         """Remove this job's statuses, .status when it is empty then, and the run dir with the parents
         that prepare() made, when nothing else came into them. Never raises."""
+        from .rundir import remove_made
+
         shutil.rmtree(self.folder, ignore_errors=True)
-        top = self.made.parent if self.made is not None else self.run_dir.absolute()
-        path = self.run_dir.absolute() / DIR
-        while path != top and path != path.parent:
-            try:
-                path.rmdir()
-            except OSError:
-                break
-            path = path.parent
+        remove_made(self.run_dir / DIR, self.made if self.made is not None else self.run_dir.absolute() / DIR)
 
 
 def train_args(cmd) -> list | None:

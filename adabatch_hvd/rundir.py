@@ -173,7 +173,7 @@ class RunDir:
         try:
             self.lock.acquire()
         except BaseException:
-            _remove_made(self.path, before[0])  # only directories this start made, and only if empty
+            remove_made(self.path, before[0])  # only directories this start made, and only if empty
             raise
         self.before = before
         preflight(self.path)
@@ -187,7 +187,7 @@ class RunDir:
         self.lock.release()
 
 
-def _remove_made(path: Path, missing) -> None:
+def remove_made(path: Path, missing) -> None:
     """Remove the empty directories a start made, from `path` up to `missing` (the topmost it made)."""
     if missing is None:
         return
@@ -227,7 +227,7 @@ def discard(run_dir, before: tuple) -> None:
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         return
     shutil.rmtree(run_dir, ignore_errors=True)
-    _remove_made(run_dir.parent, missing)
+    remove_made(run_dir.parent, missing)
 
 
 # ---- metrics.jsonl ----------------------------------------------------------------------------------
