@@ -207,8 +207,37 @@ MARKS = {
                                                     "test_wheel_has_pytorch_gloo_and_mpi_and_no_cuda",
                                                     "test_wheel_allreduces_on_two_ranks_without_cuda"],
              "test_rundir": ["test_a_full_disk_is_one_line_and_exit_4_with_the_last_checkpoint_kept"]},
-    # one process, but long: many training runs
-    "slow": {"test_lifecycle": ALL},
+    # one process, but it trains: adabatch-train run (and resumed) in a subprocess, 5 to 50 s of CPU each on 2
+    # cores; horovodrun --check-build, 13 s
+    "slow": {
+        "test_checkpoint": ["test_garbage_with_the_highest_step_then_resume_keep_1_loses_nothing",
+                            "test_resume_from_an_explicit_older_checkpoint_then_plain_resume_continues_it",
+                            "test_resume_after_a_crash_mid_line_in_metrics"],
+        "test_cli": ["test_checkpoint_from_another_model_keeps_everything"],
+        "test_horovod": ["test_check_build_lists_pytorch_gloo_and_mpi"],
+        "test_lifecycle": ALL,
+        "test_precision": ["test_bf16_and_fp16_train_within_a_band_of_fp32",  # these three: band_runs
+                           "test_checkpoints_hold_the_scaler_only_under_fp16",
+                           "test_a_checkpoint_without_scaler_state_resumes_under_fp16"],
+        "test_resume": ["test_nan_loss_stops_and_keeps_the_last_good_checkpoint",
+                        "test_an_epoch_record_published_again_adds_no_tensorboard_point"],
+        "test_rundir": ["test_incoherent_resumes_are_one_line_and_change_nothing",  # these six: finished
+                        "test_resume_of_a_finished_run_with_no_more_epochs_is_a_no_op",
+                        "test_safe_changes_are_logged_and_kept_in_the_history",
+                        "test_no_start_mode_starts_over_a_run_without_a_checkpoint",
+                        "test_corrupt_checkpoints_are_refused_by_every_mode_and_every_time",
+                        "test_a_cut_record_is_restored_from_the_checkpoint",
+                        "test_a_run_that_fails_during_set_up_leaves_no_run_dir",
+                        "test_a_run_that_fails_at_its_first_step_leaves_no_run_dir",
+                        "test_yaml_stages_with_colons_and_resume_true",
+                        "test_device_gpu_means_cuda_end_to_end",
+                        "test_tensorboard_per_step_on_samples_seen_survives_a_resume",
+                        "test_resume_auto_starts_a_new_run_dir_and_one_that_saved_nothing",
+                        "test_a_file_in_the_run_dirs_way_is_found_before_the_first_step",
+                        "test_a_stop_signal_as_soon_as_the_process_starts_stops_at_the_first_step",
+                        "test_a_second_job_on_a_run_dir_is_refused_and_a_killed_ones_lock_is_taken_over",
+                        "test_a_full_disk_is_one_line_and_exit_4_with_the_last_checkpoint_kept"],
+    },
 }
 BY_FIXTURE = {"make_cluster": ["cluster"], "reference_run": ["horovodrun"]}
 BY_CALL = {"horovodrun": ["horovodrun"], "run_worker": ["horovodrun"]}
