@@ -47,8 +47,15 @@ def pick_device(choice: str) -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise UserError("run.device=cuda but no CUDA device is visible; use run.device=cpu")
-    torch.cuda.set_device(dist.local_rank())
-    return torch.device("cuda", dist.local_rank())
+    # A rank bound to its own GPU (srun --gpus-per-task=1, CUDA_VISIBLE_DEVICES per rank) sees it as cuda:0;
+    # a rank that sees the node's GPUs takes the one of its local rank.
+    visible, local = torch.cuda.device_count(), dist.local_rank()
+    index = 0 if visible == 1 else local
+    if index >= visible:
+        raise UserError(f"local rank {local} sees {visible} GPUs, fewer than the ranks on its host; give each rank "
+                        f"its own GPU (--gpus-per-task=1) or all of them, or start fewer ranks per host")
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 def library_versions() -> dict:

@@ -1,31 +1,46 @@
 #!/usr/bin/env bash
-# make docker-check: build the CPU image and run it the way a cluster user does, on this machine.
+# make docker-check: build the image and run it the way a cluster user does, on this machine.
 #
-#   tests/docker_check.sh            (root; Debian/Ubuntu; needs the Debian mirror and PyPI)
+#   tests/docker_check.sh                  (root; Debian/Ubuntu; needs the Debian mirror and PyPI)
+#   FLAVOUR=cuda tests/docker_check.sh     the CUDA + NCCL flavour (make docker-check FLAVOUR=cuda);
+#                                          needs no GPU: its CPU path is what runs here
 #
 #  1. docker.io, debootstrap (and ssh-keygen) from Debian if missing; starts dockerd if none answers (and stops it
 #     again at the end). The Debian client /usr/bin/docker with DOCKER_BUILDKIT=1 is used throughout.
 #  2. the base image: debian:bookworm from a registry if one answers, else made from Debian's
 #     packages (debootstrap --variant=minbase + docker import); kept for the next run.
-#  3. builds the CPU flavour (FLAVOUR=cpu) with the machine's CA bundle as the build secret "ca",
-#     records the build time and the image size, and proves the secret is in no layer.
-#  4. horovodrun --check-build in the image (PyTorch, MPI, Gloo).
+#     FLAVOUR=cuda: nvidia/cuda:13.0.2-cudnn-devel-ubuntu24.04 from a registry if one answers, else
+#     that Debian base plus this machine's CUDA 13 toolkit ($DOCKER_CHECK_CUDA_HOME, default
+#     /usr/local/cuda, copied to /usr/local/cuda-<version> with the link /usr/local/cuda), kept as
+#     adabatch-base:bookworm-cuda<version>.
+#  3. builds the flavour with the machine's CA bundle as the build secret "ca", records the build
+#     time and the image size, and proves the secret is in no layer. DOCKER_CHECK_CUDA_ARCHS=90
+#     (the build argument CUDA_ARCHS) compiles Horovod's CUDA kernels for those architectures only.
+#  4. horovodrun --check-build in the image (PyTorch, MPI, Gloo; and NCCL for cuda, whose
+#     libnccl.so.2 and libcudart must be torch's own once horovod.torch is imported).
 #  5. the entrypoint's three forms, as the image's non-root user, with a bind-mounted host run dir:
 #     adabatch-train options; horovodrun -np 2 -H localhost:2; a worker running sshd.
 #  6. one job across two containers on a Docker network (launch/docker-run.sh worker + launch),
 #     with Gloo and with MPI.
 #  7. kills the worker container mid-run: the job must end non-zero; then --resume finishes it.
 # Prints a summary with the figures; logs and the summary go to $DOCKER_CHECK_OUT
-# (default runs/docker-check). Everything it creates is named adabatch-dc<id> and removed at the
-# end, except the base image and the CPU image (adabatch-hvd:cpu-check), whose layers and build
-# cache make the next run fast.
+# (default runs/docker-check, runs/docker-check-cuda for FLAVOUR=cuda). Everything it creates is named
+# adabatch-dc<id> and removed at the end, except the base images and the image
+# (adabatch-hvd:<flavour>-check), whose layers and build cache make the next run fast.
+# dockerd sets the iptables FORWARD policy to DROP when it starts, which cuts bridged network
+# namespaces (the test cluster of other runs on this machine): the policy found before is put back
+# at once.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 ID=dc$$
-OUT=${DOCKER_CHECK_OUT:-$ROOT/runs/docker-check}
+FLAVOUR=${FLAVOUR:-cpu}
+case $FLAVOUR in cpu|cuda) ;; *) echo "docker-check: FLAVOUR must be cpu or cuda, got '$FLAVOUR'" >&2; exit 2 ;; esac
+OUT=${DOCKER_CHECK_OUT:-$ROOT/runs/docker-check$([ "$FLAVOUR" = cpu ] || echo "-$FLAVOUR")}
 BASE=${DOCKER_CHECK_BASE:-adabatch-base:bookworm}
-IMAGE=adabatch-hvd:cpu-check
+CUDA_IMAGE=${DOCKER_CHECK_CUDA_IMAGE:-nvidia/cuda:13.0.2-cudnn-devel-ubuntu24.04}
+CUDA_HOME_HERE=${DOCKER_CHECK_CUDA_HOME:-/usr/local/cuda}
+IMAGE=adabatch-hvd:$FLAVOUR-check
 CA=${DOCKER_CHECK_CA:-/etc/ssl/certs/ca-certificates.crt}
 MIRROR=${DOCKER_CHECK_MIRROR:-http://deb.debian.org/debian}
 NET=adabatch-$ID
@@ -89,6 +104,11 @@ if ! "$DOCKER" info >/dev/null 2>&1; then
   started_dockerd=$!
   for _ in $(seq 60); do "$DOCKER" info >/dev/null 2>&1 && break; sleep 1; done
   "$DOCKER" info >/dev/null 2>&1 || die "dockerd did not answer within 60 s; see $OUT/dockerd.log"
+  # At once, not at the end: other jobs' namespace hosts on this machine need their bridge now.
+  # Docker's own chains still accept the containers' traffic.
+  if [ -n "$forward_policy" ] && [ "$(iptables -S FORWARD 2>/dev/null | sed -n 's/^-P FORWARD //p')" != "$forward_policy" ]; then
+    iptables -P FORWARD "$forward_policy" && log "iptables FORWARD policy put back to $forward_policy (dockerd had changed it)"
+  fi
 fi
 # docker-run.sh calls plain "docker": make it Debian's client.
 mkdir -p "$WORK/bin"
@@ -110,22 +130,61 @@ else
   rm -rf "$WORK/rootfs"
   note "base image: $BASE made with debootstrap + docker import in $(( $(now) - t )) s"
 fi
+build_base=$BASE
+if [ "$FLAVOUR" = cuda ]; then
+  # A CUDA 13 devel base: NVIDIA's from a registry, else Debian plus this machine's toolkit.
+  t=$(now)
+  nvcc_here="$CUDA_HOME_HERE/bin/nvcc"
+  cuda_ver=$("$nvcc_here" --version 2>/dev/null | sed -n 's/.*release [0-9.]*, V\([0-9.]*\).*/\1/p') || true
+  cuda_base=${DOCKER_CHECK_CUDA_BASE:-adabatch-base:bookworm-cuda${cuda_ver:-none}}
+  if "$DOCKER" image inspect "$cuda_base" >/dev/null 2>&1; then
+    build_base=$cuda_base
+    note "cuda base image: $cuda_base (kept from an earlier run)"
+  elif timeout 60 "$DOCKER" pull -q "$CUDA_IMAGE" >"$OUT/pull-cuda.log" 2>&1; then
+    build_base=$CUDA_IMAGE
+    note "cuda base image: $CUDA_IMAGE pulled from a registry in $(( $(now) - t )) s"
+  else
+    log "no registry served $CUDA_IMAGE ($(tail -n1 "$OUT/pull-cuda.log")); making $cuda_base from $BASE and $CUDA_HOME_HERE"
+    [ -n "$cuda_ver" ] || die "no CUDA toolkit here to make the cuda base from: $nvcc_here is missing (set DOCKER_CHECK_CUDA_HOME)"
+    [ "${cuda_ver%%.*}" = 13 ] || die "the toolkit at $CUDA_HOME_HERE is CUDA $cuda_ver; torch 2.14.1 needs CUDA 13"
+    toolkit=$(realpath "$CUDA_HOME_HERE")
+    links_out=$(find "$toolkit" -type l -lname '/*' | head -n3)
+    [ -z "$links_out" ] || die "the toolkit at $toolkit has links to absolute paths, which a copy would break: $links_out"
+    mkdir -p "$WORK/cuda-base"
+    cp -a "$toolkit" "$WORK/cuda-base/cuda"
+    cat >"$WORK/cuda-base/Dockerfile" <<EOF
+FROM $BASE
+COPY cuda /usr/local/cuda-$cuda_ver
+RUN ln -s cuda-$cuda_ver /usr/local/cuda && /usr/local/cuda/bin/nvcc --version
+ENV PATH=/usr/local/cuda/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \\
+    CUDA_VERSION=$cuda_ver NVIDIA_VISIBLE_DEVICES=all NVIDIA_DRIVER_CAPABILITIES=compute,utility
+LABEL org.adabatch.base="Debian bookworm (debootstrap) + the CUDA $cuda_ver toolkit of the machine that built it"
+EOF
+    "$DOCKER" build --progress=plain -t "$cuda_base" "$WORK/cuda-base" >"$OUT/cuda-base.log" 2>&1 \
+      || { tail -n 20 "$OUT/cuda-base.log" >&2; die "making the cuda base image failed; see $OUT/cuda-base.log"; }
+    rm -rf "$WORK/cuda-base"
+    build_base=$cuda_base
+    note "cuda base image: $cuda_base made from $BASE + $toolkit (CUDA $cuda_ver, $(du -sh "$toolkit" | cut -f1)) in $(( $(now) - t )) s, $(awk -v b="$("$DOCKER" image inspect -f '{{.Size}}' "$cuda_base")" 'BEGIN{printf "%.2f GB", b/1e9}')"
+  fi
+fi
 
-# ---- 3. build the CPU flavour -------------------------------------------------------------------------
+# ---- 3. build the image -------------------------------------------------------------------------------
 # The CA bundle gets a marker line (PEM readers skip text outside certificates). The marker is
 # computed, not written in this file, because the image contains this file.
 [ -r "$CA" ] || die "no CA bundle at $CA (set DOCKER_CHECK_CA)"
 marker="adabatch-docker-check-secret-$(printf 'ca marker' | sha256sum | cut -c1-16)"
 { cat "$CA"; echo "# $marker"; } >"$WORK/ca.pem"
 t=$(now)
-"$DOCKER" build --progress=plain --build-arg FLAVOUR=cpu --build-arg BASE_IMAGE="$BASE" \
+build_args=(--build-arg FLAVOUR="$FLAVOUR" --build-arg BASE_IMAGE="$build_base")
+[ -z "${DOCKER_CHECK_CUDA_ARCHS:-}" ] || build_args+=(--build-arg CUDA_ARCHS="$DOCKER_CHECK_CUDA_ARCHS")
+"$DOCKER" build --progress=plain "${build_args[@]}" \
     --secret id=ca,src="$WORK/ca.pem" -t "$IMAGE" "$ROOT" >"$OUT/build.log" 2>&1 \
   || { tail -n 40 "$OUT/build.log" >&2; die "docker build failed; see $OUT/build.log"; }
 build_s=$(( $(now) - t ))
 size=$("$DOCKER" image inspect -f '{{.Size}}' "$IMAGE")
 cached=$(grep -c '^#[0-9]* CACHED' "$OUT/build.log" || true)
 steps=$(grep -cE '^#[0-9]+ \[[^]]* [0-9]+/[0-9]+\]' "$OUT/build.log" || true)
-note "build: $IMAGE (FLAVOUR=cpu) in ${build_s} s, $cached of $steps steps cached; image size $(awk -v b="$size" 'BEGIN{printf "%.2f GB", b/1e9}')"
+note "build: $IMAGE (FLAVOUR=$FLAVOUR${DOCKER_CHECK_CUDA_ARCHS:+, CUDA_ARCHS=$DOCKER_CHECK_CUDA_ARCHS}, base $build_base) in ${build_s} s, $cached of $steps steps cached; image size $(awk -v b="$size" 'BEGIN{printf "%.2f GB", b/1e9}')"
 if grep -qE '^#[0-9]+ [0-9.]+ build: pip uses the CA bundle' "$OUT/build.log"; then
   note "build secret: the set-up step used the CA bundle"
 fi
@@ -147,10 +206,34 @@ note "build secret: in no layer of $IMAGE, not in its history or env; the same s
 # ---- 4. --check-build ----------------------------------------------------------------------------------
 check=$("$DOCKER" run --rm --name "adabatch-$ID-check" "$IMAGE" horovodrun --check-build)
 echo "$check" >"$OUT/check-build.txt"
-for line in "[X] PyTorch:1" "[X] MPI:2" "[X] Gloo:2"; do
-  [ "$(grep -cF "${line%:*}" <<<"$check")" = "${line##*:}" ] || die "--check-build lacks ${line%:*}: $check"
+expect=("[X] PyTorch:1" "[X] MPI:2" "[X] Gloo:2")
+if [ "$FLAVOUR" = cpu ]; then expect+=("[X] NCCL:0"); else expect+=("[X] NCCL:1"); fi
+for line in "${expect[@]}"; do
+  [ "$(grep -cF "${line%:*}" <<<"$check" || true)" = "${line##*:}" ] \
+    || die "--check-build: '${line%:*}' is not there ${line##*:} time(s): $check"
 done
 note "check-build: PyTorch, MPI and Gloo controllers and tensor ops built; NCCL $(grep -q '\[X\] NCCL' <<<"$check" && echo built || echo not built)"
+if [ "$FLAVOUR" = cuda ]; then
+  # One NCCL and one CUDA runtime in the process, both from torch's wheels (no GPU needed).
+  libs=$("$DOCKER" run --rm --name "adabatch-$ID-libs" "$IMAGE" python -c '
+import horovod.torch as hvd, torch
+hvd.init()
+maps = {l.split()[-1] for l in open("/proc/self/maps") if "/" in l}
+print("nccl_built", hvd.nccl_built(), "cuda", torch.version.cuda)
+for lib in sorted(m for m in maps if "libnccl" in m or "libcudart" in m):
+    print(lib)
+print("allreduce", hvd.allreduce(torch.tensor([1.0, 2.0]), op=hvd.Sum).tolist())
+') || die "import horovod.torch in $IMAGE failed"
+  echo "$libs" >"$OUT/libs.txt"
+  grep -q '^nccl_built [1-9][0-9]* cuda 13' <<<"$libs" || die "horovod.torch in $IMAGE: $libs"
+  [ "$(grep -c 'libnccl' <<<"$libs")" = 1 ] && grep -q '/site-packages/nvidia/nccl/lib/libnccl.so.2$' <<<"$libs" \
+    || die "libnccl in the process is not torch's one: $libs"
+  if grep 'libcudart' <<<"$libs" | grep -qv '/site-packages/nvidia/'; then
+    die "a CUDA runtime not from torch's wheels is loaded: $libs"
+  fi
+  grep -q '^allreduce \[1.0, 2.0\]' <<<"$libs" || die "one-process allreduce in $IMAGE: $libs"
+  note "libraries: $(sed -n 1p <<<"$libs"); loaded: $(grep -v '^nccl_built\|^allreduce' <<<"$libs" | sed 's|.*/site-packages/|site-packages/|' | paste -sd' ')"
+fi
 
 # ---- 5. the entrypoint's three forms, as the non-root user ------------------------------------------------
 uid=$("$DOCKER" image inspect -f '{{.Config.User}}' "$IMAGE")

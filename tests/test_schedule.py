@@ -176,7 +176,8 @@ def test_the_schedule_is_the_config_section_plus_the_lr():
 
     section = ScheduleConfig()
     s = Schedule(lr=0.1)
-    assert {f.name for f in dataclasses.fields(s)} == {f.name for f in dataclasses.fields(section)} | {"lr"}
+    # besides the section: the base LR, and (mode noise) the growth decided while training
+    assert {f.name for f in dataclasses.fields(s)} == {f.name for f in dataclasses.fields(section)} | {"lr", "grown"}
     assert all(getattr(s, f.name) == getattr(section, f.name) for f in dataclasses.fields(section) if f.name != "stages")
     assert config.ScheduleConfig is ScheduleConfig and config.Config().schedule == section
     cfg = config.from_args(None, {"schedule.stages": "0:16,2:32", "schedule.epochs": "4", "optim.lr": "0.2"})
