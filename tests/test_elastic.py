@@ -21,14 +21,14 @@ import pytest
 from adabatch_hvd import checkpoint, sampler
 from conftest import ROOT, hvd_env
 
-N_TRAIN, EPOCHS = 600, 8
+N_TRAIN, EPOCHS = 1200, 8  # long enough that a host offered again joins well before the end on a quiet machine
 # Fashion-MNIST, the BatchNorm-free MLP; global batch 20 -> 40 -> 80, which 3 workers split unevenly
 # (7+7+6) and 2 evenly, with micro-batches of at most 10.
 RUN = ["--config", "configs/fashion_mnist.yaml", "--model.name", "mlp", "--train-samples", N_TRAIN,
        "--test-samples", 300, "--epochs", EPOCHS, "--interval", 3, "--initial-batch", 20, "--max-micro-batch", 10,
        "--lr", 0.02, "--every-steps", 5, "--commit-every", 4, "--quiet", "true"]
 BATCHES = [20, 20, 20, 40, 40, 40, 80, 80]
-STEPS = 3 * 30 + 3 * 15 + 2 * 8  # every rank's optimizer steps (600/20, 600/40, ceil(600/80))
+STEPS = 3 * 60 + 3 * 30 + 2 * 15  # every rank's optimizer steps (1200/20, 1200/40, ceil(1200/80))
 # Measured relative weight difference to one process on the global batch: see test_final_weights...
 WEIGHT_BOUND = 1e-4
 
