@@ -75,7 +75,8 @@ def test_step_scalars_ride_in_the_gradients_fusion_buffer(tmp_path, controller):
     mine = [e["ts"] for e in starts if names[e["pid"]] == "allreduce.step_scalars"]
     fused = [t for t in mine if any(names[e["pid"]] != "allreduce.step_scalars" and abs(e["ts"] - t) < 50
                                     for e in starts)]
-    assert len(mine) == 12
+    # 12 steps; the timeline may lose the last step's events at shutdown (11 in one CI run, with the sums exact)
+    assert len(mine) in (11, 12), len(mine)
     # Enqueued just after the backward passes, the flag joins the last gradients' cycle unless Horovod's
     # background thread started that cycle in between (seen for 4 of 12 steps under a load of 8 on 2
     # cores; 12 of 12 on a quieter machine). A flag allreduced on its own after the step would be 0 of 12.
