@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import time
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +37,6 @@ class Result:
     loss: float  # the step's mean loss over this rank's samples
     sums: torch.Tensor  # this rank's (loss_sum, correct, count, sample digest), float64
     flags: torch.Tensor | None  # the step's scalars summed over all ranks
-    seconds: float
 
 
 class Stepper:
@@ -82,7 +80,6 @@ class Stepper:
         ran out of memory and nothing was updated; the caller's `remaining` redoes the step smaller."""
         for group in self.acc.optimizer.param_groups:
             group["lr"] = lr
-        t0 = time.perf_counter()
         result = self.acc.step(item.micro, item.step.size, sampler.passes_per_step(item.step, self.world, item.size),
                                scalars)
         if result is None:
@@ -100,7 +97,7 @@ class Stepper:
                                 f"in {self.ckpt_dir} is kept")
         digest = sampler.sample_digest(item.samples, self.state.epoch)
         sums = torch.tensor([float(loss_sum), float(correct), float(count), digest], dtype=torch.float64)
-        return Result(loss, sums, flags, time.perf_counter() - t0)
+        return Result(loss, sums, flags)
 
     def tune(self, plan, seconds: float, size: int) -> None:
         """schedule.max_micro_batch=auto: time the candidate; once all are timed, all ranks pick one."""

@@ -327,8 +327,9 @@ class Trainer:
         if (int(count), int(digest)) != (self.n_train, expected) and self.main:
             log.error("epoch %d used %d samples with digest %d; every sample once would be %d with digest %d",
                       st.epoch, count, digest, self.n_train, expected)
-        if self.stepper.tried(plan):  # what the stage's micro-batch was chosen from
-            record["micro_batch_tried"] = self.stepper.tried(plan)
+        tried = self.stepper.tried(plan)  # what the stage's micro-batch was chosen from (auto)
+        if tried:
+            record["micro_batch_tried"] = tried
         decision = self.growth.at_epoch_end(st, self.schedule, self.main)
         if decision is not None:
             record["growth"] = decision
