@@ -101,8 +101,9 @@ def test_teardown_after_the_owner_is_killed_leaves_nothing(tmp_path):
 
 
 def test_without_root_it_says_why_in_one_line():
-    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
-                           ROOT / "tests/cluster.py", "up"], capture_output=True, text=True, timeout=60)
+    # The script goes in on stdin: a checkout under `mktemp -d` (mode 0700) is unreadable to user 65534.
+    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-", "up"],
+                          input=(ROOT / "tests/cluster.py").read_text(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert proc.stderr == "cluster.py: the test cluster needs root (network namespaces, bridges, sshd); run the " \
                           "tests as root\n"
