@@ -14,7 +14,7 @@ import re
 import sys
 import threading
 
-from . import config, sampler, signals
+from . import config, phases, sampler, signals
 from . import exitstatus
 from .errors import (EXIT_DISK_FULL, EXIT_INTERRUPTED, EXIT_LOST_PEERS, EXIT_NON_FINITE, EXIT_STOPPED, EXIT_USER,
                      DiskFull, NonFiniteLoss, UserError, print_error)
@@ -44,6 +44,7 @@ def _setup_logging(rank) -> None:
 @exitstatus.recorded  # how this rank ended, for the launcher's supervisor (exitstatus.py)
 def train_main(argv=None) -> int:
     """adabatch-train: run (or resume) an AdaBatch training job on every Horovod rank."""
+    phases.mark("interpreter")  # Python's start and this module's imports (no torch yet)
     signals.install()  # first: a stop request during set-up stops the run at its first step
     _quiet_disk_full_threads()
     args = _parser("adabatch-train", "Train with AdaBatch adaptive batch sizes on Horovod.").parse_args(argv)
@@ -55,7 +56,9 @@ def train_main(argv=None) -> int:
         config.build_schedule(cfg)  # schedule errors before Horovod starts
         from . import dist
 
+        phases.mark("import torch, horovod")
         threads = dist.init(cfg.run.threads, cfg.comm.horovod_env())
+        phases.mark("horovod init")
         me = dist.rank()  # (Horovod may be shut down when it is needed below)
         exitstatus.note(rank=me, size=dist.size())
         _setup_logging(dist.rank)
@@ -100,6 +103,7 @@ def train_main(argv=None) -> int:
 def _train(cfg: config.Config, threads):
     from .trainer import Trainer
 
+    phases.mark("import trainer")
     trainer = Trainer(cfg, threads)
     trainer.fit()  # gives the run dir back; a start that fails before its first step leaves nothing there
     return trainer

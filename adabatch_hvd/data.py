@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import math
 import os
-import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Protocol, Sequence
 
@@ -206,6 +203,7 @@ class FolderImages:
     def __init__(self, folder, transform, info: DatasetInfo, seed: int):
         self.folder, self.transform, self.info, self.seed = folder, transform, info, seed
         self.samples = _SeededSamples(folder, transform, seed)
+        self.pin_memory = False  # set by build_dataset: for CUDA, the loader's own thread pins the workers' batches
         self._loader, self._pass = None, 0
 
     def __len__(self) -> int:
@@ -217,7 +215,7 @@ class FolderImages:
             # DataLoader would draw from the global RNG.
             self._loader = torch.utils.data.DataLoader(
                 self.samples, batch_sampler=_Batches(), num_workers=workers, persistent_workers=True,
-                generator=torch.Generator().manual_seed(_mix(self.seed)))
+                pin_memory=self.pin_memory, generator=torch.Generator().manual_seed(_mix(self.seed)))
         return self._loader
 
     def iterate(self, micro_batches: Iterable, epoch: int, workers: int = 0) -> Iterator[Batch]:
@@ -245,11 +243,12 @@ class FolderImages:
                                "it serves one pass at a time")
 
 
-def _read_idx_gz(path: str, reader):
-    """Decompress one IDX .gz into a temporary file, since torchvision's readers only take plain files.
+def _read_idx_gz(path: str) -> torch.Tensor:
+    """One IDX .gz of unsigned bytes (Fashion-MNIST's format) as a uint8 tensor of the shape in its header.
 
-    The sizes in its header are checked against MAX_SAMPLES and MAX_IDX_BYTES first, and no more is
-    decompressed than they claim, so a damaged header or a gzip bomb is an error, not a full disk.
+    Read here rather than by torchvision's reader: importing torchvision costs every rank about 2 s at
+    start. The sizes in the header are checked against MAX_SAMPLES and MAX_IDX_BYTES first, and no more
+    is decompressed than they claim, so a damaged header or a gzip bomb is an error, not a full memory.
     """
     with gzip.open(path, "rb") as src:
         head = src.read(4)
@@ -260,28 +259,13 @@ def _read_idx_gz(path: str, reader):
             raise UserError(f"{path}: its header claims {' x '.join(map(str, dims))} bytes, more than the limit "
                             f"of {MAX_SAMPLES} samples and {size_text(MAX_IDX_BYTES)}; the file is damaged or "
                             f"not Fashion-MNIST")
-        with tempfile.TemporaryDirectory() as tmp:
-            raw = os.path.join(tmp, "idx")
-            with open(raw, "wb") as dst:
-                dst.write(head + struct.pack(f">{len(dims)}I", *dims))
-                shutil.copyfileobj(io.BufferedReader(_Limited(src, size + 1)), dst)
-            return reader(raw)
-
-
-class _Limited(io.RawIOBase):
-    """The first `n` bytes of a stream."""
-
-    def __init__(self, f, n: int):
-        self.f, self.left = f, n
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        data = self.f.read(min(len(buffer), self.left))
-        self.left -= len(data)
-        buffer[: len(data)] = data
-        return len(data)
+        if head[:3] != b"\0\0\x08" or len(dims) != ndim or not dims:
+            raise ValueError("not an IDX file of unsigned bytes")
+        data = src.read(size + 1)
+    if len(data) != size:
+        raise ValueError(f"{len(data) if len(data) <= size else 'more'} bytes of data where the header claims {size}")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(*dims) if size else \
+        torch.zeros(dims, dtype=torch.uint8)
 
 
 def _check_labels(name: str, labels: torch.Tensor, num_classes: int, where: str, hint: str) -> None:
@@ -293,8 +277,6 @@ def _check_labels(name: str, labels: torch.Tensor, num_classes: int, where: str,
 
 
 def _fashion_mnist(name: str, root: str, train: bool, augment: bool, seed: int) -> InMemoryImages:
-    from torchvision.datasets.mnist import read_image_file, read_label_file
-
     prefix = "train" if train else "t10k"
     files = [f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-labels-idx1-ubyte.gz"]
     hint = "apt-get install dataset-fashion-mnist (or run launch/setup.sh)"
@@ -302,13 +284,13 @@ def _fashion_mnist(name: str, root: str, train: bool, augment: bool, seed: int) 
     if missing:
         raise UserError(f"fashion-mnist: {', '.join(missing)} not found in '{root}'; {hint}")
     try:
-        images = _read_idx_gz(os.path.join(root, files[0]), read_image_file)
-        labels = _read_idx_gz(os.path.join(root, files[1]), read_label_file)
+        images = _read_idx_gz(os.path.join(root, files[0]))
+        labels = _read_idx_gz(os.path.join(root, files[1]))
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - whatever a damaged file makes the reader raise
         raise UserError(f"fashion-mnist: cannot read {files} in '{root}' ({one_line(e)}); reinstall: {hint}") from e
-    if images.ndim != 3 or len(images) != len(labels) or images.shape[1] != images.shape[2]:
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels) or images.shape[1] != images.shape[2]:
         raise UserError(f"fashion-mnist: {files} in '{root}' do not hold matching square images and labels "
                         f"(images {tuple(images.shape)}, {len(labels)} labels); reinstall: {hint}")
     _check_labels("fashion-mnist", labels, 10, os.path.join(root, files[1]), hint)
@@ -394,17 +376,22 @@ def _imagenet(name: str, root: str, train: bool, augment: bool, seed: int) -> Fo
 
 def build_dataset(name: str, root: str | None, train: bool, *, augment: bool = True, seed: int = 0,
                   synthetic_samples: int = 4096, synthetic_shape=(3, 32, 32),
-                  synthetic_classes: int = 10) -> Dataset:
+                  synthetic_classes: int = 10, pin_memory: bool = False) -> Dataset:
     """The training (`train=True`) or test split of data set `name`, read from `root` (None: the default).
 
     `augment` only applies to training splits; `seed` fixes augmentation (and the synthetic data).
+    `pin_memory` (a run on CUDA): DataLoader workers' batches are pinned in the loader's thread; the
+    other sets' batches are pinned on their way to the GPU (stepper.to_device).
     """
     if name not in DATASETS:
         raise UserError(f"unknown data set {name!r}{suggest(name, DATASETS)}; choose one of {', '.join(DATASETS)}")
     entry = DATA_SETS[name]
     root = entry.root if root is None else str(root)
     if entry.reader:  # a reader of files: (name, root, train, augment, seed)
-        return globals()[entry.reader](name, root, train, augment, seed)
+        data = globals()[entry.reader](name, root, train, augment, seed)
+        if isinstance(data, FolderImages):
+            data.pin_memory = pin_memory
+        return data
     shape = tuple(int(s) for s in synthetic_shape)
     if len(shape) != 3 or shape[1] != shape[2] or min(shape) < 1 or shape[0] > MAX_CHANNELS:
         raise UserError(f"synthetic_shape must be (channels, size, size) with 1..{MAX_CHANNELS} channels, got "

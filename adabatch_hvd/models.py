@@ -6,6 +6,7 @@ Ours take their input channels, class count and image size from `DatasetInfo`, s
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -177,6 +178,31 @@ def build_model(name: str, info: DatasetInfo) -> nn.Module:
     """A freshly initialised model `name` for inputs and classes described by `info`."""
     builder = _BUILDERS.get(name)
     return builder(info) if builder else _torchvision_model(name, info)
+
+
+def place(model: nn.Module, device: torch.device, channels_last: bool = False,
+          cudnn_benchmark: bool = False) -> nn.Module:
+    """`model` on `device`, run as model.channels_last and model.cudnn_benchmark ask; on the CPU, by default, it
+    is only moved.
+
+    channels_last converts each 4-D input (a forward pre-hook: training and evaluation alike), not the parameters:
+    Horovod's broadcast and allreduce refuse tensors that are not contiguous. A convolution given a channels-last
+    input runs in that layout and so does what follows it; the weight is converted per call (small beside the
+    activations) and its gradient comes back in the parameter's layout. cudnn.benchmark is process-wide and only
+    helps convolutions, so it is set for models with some, on CUDA only.
+    """
+    model = model.to(device)
+    if channels_last:
+        model.register_forward_pre_hook(_channels_last)
+    if cudnn_benchmark and device.type == "cuda" and any(isinstance(m, nn.modules.conv._ConvNd)
+                                                         for m in model.modules()):
+        torch.backends.cudnn.benchmark = True
+    return model
+
+
+def _channels_last(module, inputs):
+    x, *rest = inputs
+    return (x.contiguous(memory_format=torch.channels_last), *rest) if x.dim() == 4 else None
 
 
 def has_batchnorm(model: nn.Module) -> bool:

@@ -4,6 +4,7 @@ nothing behind when a run fails before its first step.
     RUN_DIR/metrics.jsonl          one JSON record per finished epoch
     RUN_DIR/config.yaml            the config the run is going on with
     RUN_DIR/config-history.jsonl   one record per resume that changed it: what changed, and where
+    RUN_DIR/timing.jsonl           one record per start that trained: where rank 0's time went (phases.py)
     RUN_DIR/train.log, tb/, checkpoints/
 """
 
@@ -28,8 +29,8 @@ from .runlock import RunLock
 log = logging.getLogger(__name__)
 
 # The run dir's layout (the module docstring); every other module names these files through here.
-METRICS, CONFIG, HISTORY, LOG, TB, CHECKPOINTS = ("metrics.jsonl", "config.yaml", "config-history.jsonl",
-                                                  "train.log", "tb", "checkpoints")
+METRICS, CONFIG, HISTORY, LOG, TB, CHECKPOINTS, TIMING = ("metrics.jsonl", "config.yaml", "config-history.jsonl",
+                                                          "train.log", "tb", "checkpoints", "timing.jsonl")
 
 
 # ---- what a run dir holds, and whether a start may use it -------------------------------------------

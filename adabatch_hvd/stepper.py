@@ -70,8 +70,7 @@ class Stepper:
                                              self.cfg.data.workers)
             for step, share in zip(steps, shares):
                 yield Step(step, size, [order[i] for m in share for i in m], (
-                    (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
-                    for x, y in itertools.islice(batches, len(share))))
+                    to_device(batch, self.device) for batch in itertools.islice(batches, len(share))))
                 if st.offset != step.start + step.size or self.micro_batch(plan) != size:
                     break
 
@@ -121,6 +120,15 @@ class Stepper:
         return {str(m): t for m, t in tried.items()} if self.auto and tried else None
 
 
+def to_device(batch, device: torch.device):
+    """A CPU batch on `device`, for training and evaluation alike. On CUDA each tensor is pinned first (a no-op for
+    a DataLoader's pinned batch), so that its copy is asynchronous and the next batch is prepared meanwhile; on the
+    CPU the batch itself comes back."""
+    if device.type != "cuda":
+        return batch
+    return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)
+
+
 @torch.no_grad()
 def evaluate(model, test_set, n_test: int, rank: int, world: int, eval_batch: int, workers: int, device):
     """Test loss and accuracy from allreduced sums over every test sample exactly once."""
@@ -128,8 +136,8 @@ def evaluate(model, test_set, n_test: int, rank: int, world: int, eval_batch: in
     mine = list(range(rank, n_test, world))
     chunks = [mine[i : i + eval_batch] for i in range(0, len(mine), eval_batch)]
     sums = torch.zeros(3, dtype=torch.float64, device=device)
-    for x, y in test_set.iterate(chunks, 0, workers):
-        x, y = x.to(device), y.to(device)
+    for batch in test_set.iterate(chunks, 0, workers):
+        x, y = to_device(batch, device)
         out = model(x)
         sums[0] += torch.nn.functional.cross_entropy(out, y, reduction="sum").double()
         sums[1] += (out.argmax(1) == y).sum()

@@ -56,7 +56,9 @@ REPEAT_WINDOW = 1.0  # seconds after the first signal in which another is the sa
 
 
 def job_processes(root: int) -> list:
-    """The processes of the session that `root` leads, and everything below `root`."""
+    """The processes of the session that `root` leads, and everything below `root`, that still run: a zombie
+    (exited, its parent gone and init not yet done reaping it; seconds under some container inits) runs
+    nothing and is not waited for."""
     found = {}
     for p in psutil.process_iter():
         try:
@@ -71,7 +73,14 @@ def job_processes(root: int) -> list:
     except psutil.Error:
         pass
     found.pop(os.getpid(), None)
-    return list(found.values())
+    return [p for p in found.values() if _running(p)]
+
+
+def _running(p) -> bool:
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:  # gone
+        return False
 
 
 def _has_rank(p) -> bool:

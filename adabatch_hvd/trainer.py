@@ -21,14 +21,14 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, dist, rundir, runlock
+from . import checkpoint, dist, phases, rundir, runlock
 from .accumulation import Accumulator
 from .config import Config, build_schedule, dump_yaml, to_dict
 from .data import build_dataset
 from .elastic import ElasticWorld, FixedWorld
 from .errors import NonFiniteLoss, UserError
 from .growth import Growth, replay
-from .models import build_model, has_batchnorm
+from .models import build_model, has_batchnorm, place
 from .monitor import Monitor
 from .noise import NoiseScale
 from .resume import Resume, agree
@@ -59,12 +59,13 @@ def pick_device(choice: str) -> torch.device:
 
 
 def library_versions() -> dict:
-    import torchvision
+    from importlib import metadata
 
     from . import __version__
 
-    # str(): torch.__version__ is a TorchVersion, which weights_only loading refuses to unpickle
-    return {"adabatch_hvd": __version__, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
+    # str(): torch.__version__ is a TorchVersion, which weights_only loading refuses to unpickle. torchvision's
+    # from its metadata: importing it would cost rank 0 about 2 s in the first epoch.
+    return {"adabatch_hvd": __version__, "torch": str(torch.__version__), "torchvision": metadata.version("torchvision"),
             "horovod": dist.horovod_version()}
 
 
@@ -87,17 +88,20 @@ class Trainer:
         self.ckpt_dir = self.run_dir / rundir.CHECKPOINTS
         d = cfg.data
         kw = dict(seed=cfg.run.seed, synthetic_samples=d.synthetic_samples,
-                  synthetic_shape=tuple(d.synthetic_shape), synthetic_classes=d.synthetic_classes)
+                  synthetic_shape=tuple(d.synthetic_shape), synthetic_classes=d.synthetic_classes,
+                  pin_memory=self.device.type == "cuda")
         self.train_set = build_dataset(d.name, d.root, True, augment=d.augment, **kw)
         self.test_set = build_dataset(d.name, d.root, False, augment=False, **kw)
         self.n_train = min(len(self.train_set), d.train_samples or len(self.train_set))
         self.n_test = min(len(self.test_set), d.test_samples or len(self.test_set))
+        phases.mark("data")
         if cfg.run.elastic and not dist.elastic_launch():
             raise UserError("run.elastic needs an elastic launch: launch/run-elastic.sh (horovodrun --min-np "
                             "--max-np --host-discovery-script, Gloo); drop --elastic for a fixed world size")
 
         torch.manual_seed(cfg.run.seed)  # the same init everywhere; rank 0's is broadcast anyway
-        self.model = build_model(cfg.model.name, self.train_set.info).to(self.device)
+        m = cfg.model
+        self.model = place(build_model(m.name, self.train_set.info), self.device, m.channels_last, m.cudnn_benchmark)
         torch.manual_seed(cfg.run.seed * 1000 + 1 + dist.rank())  # per-rank stream for dropout etc.
         o = cfg.optim
         # lr and backward passes are set before every step, from the plan of the world at that time
@@ -125,6 +129,7 @@ class Trainer:
         self.workers = (ElasticWorld(self.components, self.sync, self.bind_world) if cfg.run.elastic
                         else FixedWorld(self.sync, self.bind_world))
         self.bind_world()
+        phases.mark("model")
 
     def bind_world(self) -> None:
         """Bind everything that depends on the world size and this process's rank: the plans, the
@@ -197,6 +202,7 @@ class Trainer:
                             "ones", cfg.model.name)
         self._note_world()
         self.workers.started()
+        phases.mark("agreement")  # the run dir, the resume point, rank 0's state everywhere
 
     # ---- the loop --------------------------------------------------------------------------
     def fit(self) -> None:
@@ -211,6 +217,9 @@ class Trainer:
             finally:
                 if self.hold is not None and self.main:  # a start that failed before its first step leaves nothing
                     self.hold.release(undo=failed and not self.trained)
+        if self.main and self.trained:
+            phases.mark("finish")
+            phases.record(self.run_dir / rundir.TIMING, world_size=self.world)
 
     def _fit(self) -> None:
         st = self.state
@@ -218,6 +227,7 @@ class Trainer:
             return  # nothing to train (sync said so): no TensorBoard session, no log line in train.log
         self._note_world()  # after a graceful removal there is no sync()
         self.monitor.start(self.plans, self.world, st.epoch, st.global_step)
+        phases.mark("tensorboard")
         if self.threads is not None and dist.local_rank() == 0:  # once per host and process
             log.info("torch threads per rank: %d (%s)", self.threads.count, self.threads.source)
             self.threads = None
@@ -232,6 +242,7 @@ class Trainer:
             if not finished:
                 break  # a stop request or run.stop_after_steps; the checkpoint holds the position
             self._end_epoch(plan)
+        phases.mark("training")  # first step to last, with every epoch's evaluation and checkpoint
         self.monitor.finish(st.last_record if st.epoch == self.schedule.epochs else None)
 
     def _train_epoch(self, plan, steps: int):
@@ -249,6 +260,7 @@ class Trainer:
             st.offset, st.global_step = item.step.start + item.step.size, st.global_step + 1
             steps += 1
             self.trained = True
+            phases.mark("first step", log=log if self.main else None)
             self.growth.after_step(st, self.schedule, item.step.start, st.offset)
             self.monitor.step(item.step.size, result.loss, time.perf_counter() - t_step, self.acc.sync_seconds, lr,
                               st.global_step, st.noise)
@@ -359,8 +371,9 @@ class Trainer:
 
     def evaluate(self):
         d = self.cfg.data
-        return evaluate(self.model, self.test_set, self.n_test, self.rank, self.world, d.eval_batch, d.workers,
-                        self.device)
+        with phases.timed("evaluation"):
+            return evaluate(self.model, self.test_set, self.n_test, self.rank, self.world, d.eval_batch, d.workers,
+                            self.device)
 
     def _save(self) -> None:
         # Parameters are identical on every rank after each step, so all ranks agree on this check.
@@ -374,5 +387,6 @@ class Trainer:
             state = {**self.components.capture(), "stage": self.plans[min(st.epoch, len(self.plans) - 1)].stage,
                      "model_name": self.cfg.model.name, "num_classes": self.train_set.info.num_classes,
                      "n_train": self.n_train, "config": to_dict(self.cfg), "versions": library_versions(), "rng": rng}
-            path = checkpoint.save(state, self.ckpt_dir, self.cfg.checkpoint.keep, protect=self.resume.loaded_from)
+            with phases.timed("checkpoint"):
+                path = checkpoint.save(state, self.ckpt_dir, self.cfg.checkpoint.keep, protect=self.resume.loaded_from)
             log.info("checkpoint %s (epoch %d, offset %d)", path, st.epoch, st.offset)

@@ -215,6 +215,7 @@ MARKS = {
                             "test_resume_after_a_crash_mid_line_in_metrics"],
         "test_cli": ["test_checkpoint_from_another_model_keeps_everything"],
         "test_horovod": ["test_check_build_lists_pytorch_gloo_and_mpi"],
+        "test_input_path": ["test_channels_last_trains_as_the_default_layout_does"],  # two trainers, 6 s
         "test_lifecycle": ALL,
         "test_precision": ["test_bf16_and_fp16_train_within_a_band_of_fp32",  # these three: band_runs
                            "test_checkpoints_hold_the_scaler_only_under_fp16",

@@ -90,6 +90,31 @@ def finished(tmp_path_factory):
     return run
 
 
+def test_a_start_records_where_its_time_went(finished):
+    """timing.jsonl: rank 0's phases from its process's start to the run's end, in order, and the start-up
+    in train.log (a resume with nothing to train adds none: the no-op test below sees no file change)."""
+    (rec,) = [json.loads(line) for line in (finished / "timing.jsonl").read_text().splitlines()]
+    order = ["interpreter", "import torch, horovod", "horovod init", "import trainer", "data", "model", "agreement",
+             "tensorboard", "first step", "training", "finish"]
+    assert list(rec["marks"]) == list(rec["phases"]) == order
+    times = [rec["process_start"], *rec["marks"].values()]
+    assert times == sorted(times) and all(v >= 0 for v in rec["phases"].values())
+    assert sum(rec["phases"].values()) == pytest.approx(rec["marks"]["finish"] - rec["process_start"], abs=0.02)
+    assert rec["marks"]["finish"] - rec["process_start"] < 300 and time.time() - rec["process_start"] < 3600
+    assert {k: v["count"] for k, v in rec["repeated"].items()} == {"evaluation": 2, "checkpoint": 2}
+    assert rec["repeated"]["evaluation"]["seconds"] < rec["phases"]["training"] and rec["world_size"] == 1
+    (line,) = [line for line in (finished / "train.log").read_text().splitlines() if "start-up:" in line]
+    assert re.search(r"start-up: [\d.]+ s from the process's start to the end of its first step: interpreter [\d.]+, "
+                     r"import torch, horovod [\d.]+, .*, first step [\d.]+$", line), line
+
+
+def test_a_timing_record_that_cannot_be_written_is_a_warning(tmp_path, caplog):
+    from adabatch_hvd import phases
+
+    phases.record(tmp_path / "missing" / "timing.jsonl", world_size=1)  # the run is over: it does not fail for this
+    assert "timing.jsonl not written: No such file or directory" in caplog.text
+
+
 def test_incoherent_resumes_are_one_line_and_change_nothing(finished):
     before = files(finished)
     for args, message in [

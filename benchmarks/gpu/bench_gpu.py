@@ -162,9 +162,10 @@ def throughput(a) -> dict:
         shape, classes, micro, samples = [int(v) for v in shape.split(",")], int(classes), int(micro), int(samples)
         for precision in a.precisions:
             p = {"model": model, "shape": shape, "classes": classes, "micro_batch": micro, "samples": samples,
-                 "precision": precision, "cudnn_benchmark": torch.backends.cudnn.benchmark}
+                 "precision": precision}
             t0 = time.perf_counter()
             p["trainer"] = trainer_rate(model, shape, classes, micro, precision, samples, a.repeats)
+            p["cudnn_benchmark"] = torch.backends.cudnn.benchmark  # as the trainer set it; the plain loop keeps it
             if CUDA:
                 torch.cuda.empty_cache()
             p["plain"] = plain_rate(model, shape, classes, micro, precision, samples, a.repeats) \
