@@ -136,8 +136,8 @@ def main():
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks", help="where RESULTS.md and PNGs go")
     ap.add_argument("--reuse-throughput", action="store_true",
                     help="reuse (a)'s results from an earlier invocation in the same --out (they take ~10 minutes)")
-    ap.add_argument("--only", type=lambda v: v.split(","), default=None, metavar="f,g,h",
-                    help="measure only these of the sections (f) (g) (h) and replace them in OUT/RESULTS.md")
+    ap.add_argument("--only", type=lambda v: v.split(","), default=None, metavar="f,g,h,i,j",
+                    help="measure only these of the sections (f) (g) (h) (i) (j) and replace them in OUT/RESULTS.md")
     ap.add_argument("--commbound-profile", choices=["full", "reduced", "smoke"], default=None,
                     help="size of section (f) (default: full, smoke with --quick)")
     a = ap.parse_args()
@@ -194,13 +194,14 @@ def main():
 
     write_results(a, p, out, curves, acc, pairs, comm, prof, log,
                   time.perf_counter() - t_start)
-    splice(out / "RESULTS.md", later_sections(a, p, out, ["f", "g", "h"]))
+    splice(out / "RESULTS.md", later_sections(a, p, out, ["f", "g", "h", "i", "j"]))
     print(out / "RESULTS.md")
 
 
 def later_sections(a, p, out, which) -> dict:
-    """{heading: markdown} of sections (f) communication-bound, (g) data path, (h) GPU, each measured by
-    its own script (they need a cluster, generated JPEGs, a GPU), with the load average seen."""
+    """{heading: markdown} of sections (f) communication-bound, (g) data path, (h) GPU, (i) against
+    Lightning, (j) noise-scale growth, each measured by its own script (they need a cluster, generated
+    JPEGs, a GPU), with the load average seen."""
     sections = {}
     if "f" in which:
         profile = a.commbound_profile or p["commbound"]
@@ -218,6 +219,13 @@ def later_sections(a, p, out, which) -> dict:
         sections["## (g)"] = datapath.markdown(json.loads(Path(args[0]).read_text()), command)
     if "h" in which:
         sections["## (h)"] = gpu_section()
+    scripts = {"i": ("peers.py", ["--smoke", "--seeds", "0"] if a.quick else []),
+               "j": ("growth_bench.py", ["--profile", "smoke" if a.quick else "full"])}
+    for key in [k for k in scripts if k in which]:
+        script, args = scripts[key]
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--out", str(out)], cwd=ROOT,
+                              env=env(), check=True, stdout=subprocess.PIPE, text=True)
+        sections[f"## ({key})"] = proc.stdout
     return sections
 
 
@@ -227,10 +235,12 @@ def gpu_section() -> str:
         "nvidia-smi") else ""
     if "GPU" not in gpus:
         return (f"{head}\n\nNot run: no NVIDIA GPU is visible on the machine that ran this benchmark "
-                "(`nvidia-smi -L` lists none). On a GPU machine, `benchmarks/gpu_check.sh` builds Horovod with NCCL "
-                "through `launch/setup.sh`, measures resnet20's throughput against global batch on one GPU, and "
-                "compares it at micro-batch 2048 with a plain PyTorch loop on the same GPU (goal >= 0.9); it "
-                "appends its own section here. No GPU figures are reported in this file.\n")
+                "(`nvidia-smi -L` lists none). On a GPU machine (no registry needed: `benchmarks/gpu/fill.sh` "
+                "fills what it carries), `benchmarks/gpu_check.sh` builds Horovod with NCCL against the torch found "
+                "there, measures resnet20 and resnet50 (ImageNet-shaped, synthetic) at fp32 and bf16 against a "
+                "plain PyTorch loop at the same micro-batch and precision (goal >= 0.9), survives a real CUDA "
+                "out-of-memory with `--max-micro-batch auto`, and compares bf16 with fp32 on a short Fashion-MNIST "
+                "run; it appends its own section here. No GPU figures are reported in this file.\n")
     return (f"{head}\n\nA GPU is visible ({gpus.strip().splitlines()[0]}): run `benchmarks/gpu_check.sh`, which "
             "appends its section below (it takes about 10 minutes, most of it building Horovod with NCCL).\n")
 

@@ -8,6 +8,7 @@ both directions. Measured, for fmnist_cnn on Fashion-MNIST:
       + allreduce (gradient bytes x 2(N-1)/N / bandwidth)
   f2  AdaBatch against fixed-small at the slowest link, several seeds: time to the same epochs,
       time to a target accuracy, accuracy, and the speedup predicted from f1's throughputs
+  f2b the same with one more stage: 6 epochs, 128 -> 4096
   f3  fixed-large with Goyal et al.'s gradual warmup, tuned over warmup lengths and LRs on one host,
       the best against AdaBatch at equal wall-clock on one host and at the slowest link
   f4  the knobs that cut communication at the slowest link: fp16 compression (bytes counted),
@@ -41,14 +42,14 @@ PROFILES = {
     "full": dict(decompose_batches=[32, 128, 512], bandwidths=["unlimited", "1gbit", "100mbit"], batches=[32, 64, 128, 256, 512, 1024, 2048, 4096],
                  cap=256, tp_samples=8192, repeats=2, seeds=[0, 1, 2], acc_samples=None, target=0.88,
                  warmups=[1, 2, 3], warmup_lrs=[0.05, 0.025, 0.0125], knob_batches=[128, 1024], knob_samples=8192,
-                 knobs=None),
+                 knobs=None, longer=True),
     "reduced": dict(decompose_batches=[32, 512], bandwidths=["unlimited", "1gbit", "100mbit"], batches=[32, 128, 512, 2048], cap=256,
                     tp_samples=4096, repeats=1, seeds=[0], acc_samples=12000, test_samples=2000, target=0.85,
                     warmups=[1, 2, 3], warmup_lrs=[0.025], knob_batches=[128], knob_samples=4096,
-                    knobs=None),
+                    knobs=None, longer=True),
     "smoke": dict(decompose_batches=[64], bandwidths=["unlimited", "100mbit"], batches=[64, 512], cap=256, tp_samples=1024, repeats=1,
                   seeds=[0], acc_samples=2048, target=0.5, warmups=[1], warmup_lrs=[0.025], knob_batches=[128],
-                  knob_samples=1024, knobs=["default", "fp16 compression"]),
+                  knob_samples=1024, knobs=["default", "fp16 compression"], longer=False),
 }
 HOSTS = "node1:1,node2:1"
 WORLD = 2
@@ -279,6 +280,13 @@ def measure(name: str, out: Path, r: Runner) -> dict:
                 *RUNS["fixed-large"], *extra, "--seed", s, "--lr", best["lr"], "--warmup-epochs", best["warmup"]], c)
                 for s in p["seeds"]]
         res["slow"] = runs
+        if p["longer"]:  # f2b: one more stage (6 epochs, to 4096), the same protocol
+            longer = {"adabatch": [*RUNS["adabatch"], "--max-batch", 4096], "fixed-small": RUNS["fixed-small"]}
+            res["longer"] = {name: [] for name in longer}
+            for s in p["seeds"]:
+                for name, flags in longer.items():
+                    res["longer"][name].append(r.train(work / f"{slow}-longer-{name}-s{s}",
+                                                       [*flags, *extra, "--epochs", 6, "--seed", s], c))
         knobs = {}
         for b in p["knob_batches"]:
             for name in p["knobs"] or KNOBS:
@@ -337,6 +345,38 @@ def summarize(runs: list, target: float) -> dict:
             "to_target": statistics.mean(reached) if reached else None, "reached": len(reached),
             "batches": [e["global_batch"] for e in done[0]], "errors": [x["error"] for x in runs if x["error"]],
             "loads": [x["load"] for x in runs]}
+
+
+def versus(runs: dict, rate: dict, target: float, slow: str, stages: int) -> list:
+    """(f2)'s table and speedup for AdaBatch against fixed-small (and any other arm in `runs`)."""
+    s = []
+    summ = {name: summarize(x, target) for name, x in runs.items()}
+    s += [table(["run", "global batch by epoch", "final test acc % (mean ± sd)", "per seed", "train seconds",
+                 f"seconds to {100 * target:.0f}%", "load avg before -> after (per seed)"],
+                [(name, " -> ".join(map(str, v["batches"])), f"{v['acc']:.2f} ± {v['acc_sd']:.2f}",
+                  ", ".join(f"{f:.2f}" for f in v["finals"]), f"{v['time']:.1f} ± {v['time_sd']:.1f}",
+                  f"{v['to_target']:.1f} ({v['reached']}/{v['n']})" if v["to_target"] else "not reached",
+                  "; ".join(f"{a[0][0]} -> {a[1][0]}" for a in v["loads"]))
+                 for name, v in summ.items() if v["n"]]), ""]
+    a, f = summ.get("adabatch", {}), summ.get("fixed-small", {})
+    if a.get("n") and f.get("n"):
+        speedup = f["time"] / a["time"]
+        pred_a = [predicted_seconds(x["records"], rate) for x in runs["adabatch"] if x["records"]]
+        pred_f = [predicted_seconds(x["records"], rate) for x in runs["fixed-small"] if x["records"]]
+        s += [f"**Speedup of AdaBatch over fixed-small at {slow}: {speedup:.2f}x** (goal >= 1.8x); "
+              f"accuracy difference AdaBatch - fixed-small: **{a['acc'] - f['acc']:+.2f} points** (goal within 0.5)."]
+        if a["to_target"] and f["to_target"]:
+            s[-1] += f" Time to {100 * target:.0f}%: {f['to_target'] / a['to_target']:.2f}x faster."
+        if None not in pred_a + pred_f and pred_a:
+            predicted = statistics.mean(pred_f) / statistics.mean(pred_a)
+            s[-1] += (f" Predicted from (f1)'s fixed-batch throughputs at {slow} (each epoch's samples at its "
+                      f"batch's rate): {predicted:.2f}x; measured / predicted = **{speedup / predicted:.2f}** "
+                      "(goal within 10%).")
+        bound = stages / sum(2.0 ** -k for k in range(stages))
+        s += ["", f"Bound for this schedule: with {stages} equal stages doubling from B0, even a purely "
+                  f"communication-bound run is at most {stages} / {stages / bound:.4f} = {bound:.2f}x faster than "
+                  "fixed-small.", ""]
+    return s
 
 
 def markdown(res: dict) -> str:
@@ -430,10 +470,9 @@ def markdown(res: dict) -> str:
               "they can beat it, because Horovod allreduces the last layers' gradients while the backward pass is "
               "still computing the first ones, and the model adds the whole transfer after the compute.", ""]
 
-    # f2
+    # f2, f2b
     target = p["target"]
     rate = {b: pt["samples_per_second"] for b, pt in points[slow].items()}
-    summ = {name: summarize(runs, target) for name, runs in res["slow"].items()}
     subset = f", first {p['acc_samples']} training samples" if p["acc_samples"] else ""
     s += [f"### (f2) AdaBatch against fixed-small at {slow}", "",
           f"The protocol of (b) (Fashion-MNIST{subset}, "
@@ -441,30 +480,13 @@ def markdown(res: dict) -> str:
           f"x0.375 per stage, 0.5-epoch warmup, micro-batch cap 256) through `launch/run-multinode.sh -H {HOSTS}` "
           f"at {slow}, seeds {p['seeds']}, AdaBatch and fixed-small interleaved seed by seed. Time is training time "
           f"(evaluation excluded); target accuracy {100 * target:.0f}%.", ""]
-    s += [table(["run", "global batch by epoch", "final test acc % (mean ± sd)", "per seed", "train seconds",
-                 f"seconds to {100 * target:.0f}%", "load avg before -> after (per seed)"],
-                [(name, " -> ".join(map(str, v["batches"])), f"{v['acc']:.2f} ± {v['acc_sd']:.2f}",
-                  ", ".join(f"{f:.2f}" for f in v["finals"]), f"{v['time']:.1f} ± {v['time_sd']:.1f}",
-                  f"{v['to_target']:.1f} ({v['reached']}/{v['n']})" if v["to_target"] else "not reached",
-                  "; ".join(f"{a[0][0]} -> {a[1][0]}" for a in v["loads"]))
-                 for name, v in summ.items() if v["n"]]), ""]
-    a, f = summ.get("adabatch", {}), summ.get("fixed-small", {})
-    if a.get("n") and f.get("n"):
-        speedup = f["time"] / a["time"]
-        pred_a = [predicted_seconds(x["records"], rate) for x in res["slow"]["adabatch"] if x["records"]]
-        pred_f = [predicted_seconds(x["records"], rate) for x in res["slow"]["fixed-small"] if x["records"]]
-        s += [f"**Speedup of AdaBatch over fixed-small at {slow}: {speedup:.2f}x** (goal >= 1.8x); "
-              f"accuracy difference AdaBatch - fixed-small: **{a['acc'] - f['acc']:+.2f} points** (goal within 0.5)."]
-        if a["to_target"] and f["to_target"]:
-            s[-1] += f" Time to {100 * target:.0f}%: {f['to_target'] / a['to_target']:.2f}x faster."
-        if None not in pred_a + pred_f and pred_a:
-            predicted = statistics.mean(pred_f) / statistics.mean(pred_a)
-            s[-1] += (f" Predicted from (f1)'s fixed-batch throughputs at {slow} (each epoch's samples at its "
-                      f"batch's rate): {predicted:.2f}x; measured / predicted = **{speedup / predicted:.2f}** "
-                      "(goal within 10%).")
-        bound = 5 / sum(2.0 ** -k for k in range(5))
-        s += ["", f"Bound for this schedule: with 5 equal stages doubling from B0, even a purely communication-bound "
-                  f"run is at most 5 / 1.9375 = {bound:.2f}x faster than fixed-small.", ""]
+    s += versus(res["slow"], rate, target, slow, 5)
+    if res.get("longer"):
+        s += [f"### (f2b) More growth: 6 stages, 128 -> 4096, at {slow}", "",
+              "The protocol of (f2) with one more stage: 6 epochs, AdaBatch 128 -> 4096 (one stage per epoch) against "
+              f"fixed-small at 128 for the same 6 epochs; seeds {p['seeds']}, interleaved, on the same cluster and "
+              "link, right after (f2).", ""]
+        s += versus(res["longer"], rate, target, slow, 6)
 
     # f3
     s += ["### (f3) The strongest baseline: fixed-large with gradual warmup", "",
