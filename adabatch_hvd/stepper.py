@@ -85,6 +85,10 @@ class Stepper:
             self._out_of_memory(plan, item.size)
             return None
         loss_sum, correct, count, flags = result
+        if self.acc.skipped and self.rank == 0:  # fp16: the same step on every rank (the averaged gradients)
+            log.info("fp16: inf/NaN in the gradients of step %d (epoch %d): skipped, loss scale now %g (%d "
+                     "skipped in this process)", self.state.global_step, self.state.epoch, self.acc.scaler.get_scale(),
+                     self.acc.skipped_steps)
         if self.acc.noise_inputs is not None:  # the same allreduced numbers on every rank: the same estimate
             self.state.noise.update(*self.acc.noise_inputs)
         loss = float(loss_sum) / max(count, 1)

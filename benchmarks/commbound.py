@@ -206,6 +206,41 @@ def acc_at(recs: list, seconds: float):
     return acc
 
 
+def longer_runs(p: dict, work: Path, extra: list, r: Runner, cluster) -> dict:
+    """(f2b): the protocol of (f2) with one more stage (6 epochs, 128 -> 4096), seeds interleaved."""
+    flags = {"adabatch": [*RUNS["adabatch"], "--max-batch", 4096], "fixed-small": RUNS["fixed-small"]}
+    runs = {name: [] for name in flags}
+    for s in p["seeds"]:
+        for name, f in flags.items():
+            runs[name].append(r.train(work / f"{p['bandwidths'][-1]}-longer-{name}-s{s}",
+                                      [*f, *extra, "--epochs", 6, "--seed", s], cluster))
+    return runs
+
+
+def measure_longer(name: str, out: Path, r: Runner) -> dict:
+    """(f2b) alone (`--only f2b`), on a cluster of its own at the slowest link."""
+    from cluster import Cluster
+
+    p = PROFILES[name]
+    work = out / "runs" / "commbound"
+    work.mkdir(parents=True, exist_ok=True)
+    res = {"profile": p, "profile_name": name}
+    with Cluster(n_hosts=2) as c:
+        for h in c.hosts:
+            c.set_bandwidth(h, p["bandwidths"][-1])
+        res["tcp_bits_per_second"] = tcp_throughput(c)
+        res["longer"] = longer_runs(p, work, acc_extra(p), r, c)
+    res["log"] = r.log
+    (out / "commbound-f2b.json").write_text(json.dumps(res, indent=1, default=str))
+    return res
+
+
+def acc_extra(p: dict) -> list:
+    """The accuracy runs' epochs, and their subset of the data in a reduced profile."""
+    return ["--epochs", 5] + (["--train-samples", p["acc_samples"], "--test-samples", p.get("test_samples", 1000)]
+                              if p["acc_samples"] else [])
+
+
 def measure(name: str, out: Path, r: Runner) -> dict:
     from cluster import Cluster
 
@@ -237,8 +272,7 @@ def measure(name: str, out: Path, r: Runner) -> dict:
 
     # One host, two processes: AdaBatch and the fixed-large warmup grid (Goyal et al.).
     grid = [(lr, w) for lr in p["warmup_lrs"] for w in p["warmups"]]
-    extra = ["--epochs", 5] + (["--train-samples", p["acc_samples"], "--test-samples", p.get("test_samples", 1000)]
-                               if p["acc_samples"] else [])
+    extra = acc_extra(p)
     res["one_host"] = {"adabatch": [r.train(work / f"host-adabatch-s{s}", [*RUNS["adabatch"], *extra, "--seed", s])
                                     for s in p["seeds"]]}
     res["grid"] = []
@@ -280,13 +314,8 @@ def measure(name: str, out: Path, r: Runner) -> dict:
                 *RUNS["fixed-large"], *extra, "--seed", s, "--lr", best["lr"], "--warmup-epochs", best["warmup"]], c)
                 for s in p["seeds"]]
         res["slow"] = runs
-        if p["longer"]:  # f2b: one more stage (6 epochs, to 4096), the same protocol
-            longer = {"adabatch": [*RUNS["adabatch"], "--max-batch", 4096], "fixed-small": RUNS["fixed-small"]}
-            res["longer"] = {name: [] for name in longer}
-            for s in p["seeds"]:
-                for name, flags in longer.items():
-                    res["longer"][name].append(r.train(work / f"{slow}-longer-{name}-s{s}",
-                                                       [*flags, *extra, "--epochs", 6, "--seed", s], c))
+        if p["longer"]:
+            res["longer"] = longer_runs(p, work, extra, r, c)
         knobs = {}
         for b in p["knob_batches"]:
             for name in p["knobs"] or KNOBS:
@@ -377,6 +406,15 @@ def versus(runs: dict, rate: dict, target: float, slow: str, stages: int) -> lis
                   f"communication-bound run is at most {stages} / {stages / bound:.4f} = {bound:.2f}x faster than "
                   "fixed-small.", ""]
     return s
+
+
+def markdown_longer(res: dict, rate: dict, where: str) -> list:
+    p = res["profile"]
+    slow = p["bandwidths"][-1]
+    return [f"### (f2b) More growth: 6 stages, 128 -> 4096, at {slow}", "",
+            "The protocol of (f2) with one more stage: 6 epochs, AdaBatch 128 -> 4096 (one stage per epoch) against "
+            f"fixed-small at 128 for the same 6 epochs; seeds {p['seeds']}, interleaved, {where}.", "",
+            *versus(res["longer"], rate, p["target"], slow, 6)]
 
 
 def markdown(res: dict) -> str:
@@ -482,11 +520,7 @@ def markdown(res: dict) -> str:
           f"(evaluation excluded); target accuracy {100 * target:.0f}%.", ""]
     s += versus(res["slow"], rate, target, slow, 5)
     if res.get("longer"):
-        s += [f"### (f2b) More growth: 6 stages, 128 -> 4096, at {slow}", "",
-              "The protocol of (f2) with one more stage: 6 epochs, AdaBatch 128 -> 4096 (one stage per epoch) against "
-              f"fixed-small at 128 for the same 6 epochs; seeds {p['seeds']}, interleaved, on the same cluster and "
-              "link, right after (f2).", ""]
-        s += versus(res["longer"], rate, target, slow, 6)
+        s += markdown_longer(res, rate, "on the same cluster and link, right after (f2)")
 
     # f3
     s += ["### (f3) The strongest baseline: fixed-large with gradual warmup", "",
@@ -541,8 +575,18 @@ def main():
     ap.add_argument("--profile", choices=list(PROFILES), default="full")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks")
     ap.add_argument("--reuse", action="store_true", help="rewrite the section from an earlier commbound.json")
+    ap.add_argument("--only", choices=["f2b"], help="measure only this part, into OUT/commbound-f2b.md (without "
+                                                     "(f1)'s throughputs, so with no predicted speedup)")
     a = ap.parse_args()
     out = a.out.resolve()
+    if a.only:
+        res = measure_longer(a.profile, out, Runner())
+        text = "\n".join(markdown_longer(res, {}, "on a cluster of its own (TCP "
+                                         f"{res['tcp_bits_per_second'] / 1e6:.0f} Mbit/s)") +
+                         ["Commands:", "", "```", *res["log"], "```", ""])
+        (out / "commbound-f2b.md").write_text(text)
+        print(out / "commbound-f2b.md")
+        return
     if a.reuse:
         res = json.loads((out / "commbound.json").read_text())
         for key in ("compute", "compute_shared", "decompose"):

@@ -62,7 +62,7 @@ LR = 0.05  # at the first global batch
 MOMENTUM, WEIGHT_DECAY, NESTEROV = 0.9, 5e-4, False
 FIRST_BATCH, GROWTH, INTERVAL, LR_DECAY = 128, 2, 2, 0.375  # global batch x2 every 2 epochs; LR x2 x 0.375
 MICRO_BATCH = 64  # per process
-EVAL_BATCH = 1000  # per process (the package's data.eval_batch)
+EVAL_BATCH = 256  # per process (the package's data.eval_batch)
 PAD = 2  # the random crop's padding (the package's for Fashion-MNIST)
 
 

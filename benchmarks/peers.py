@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import statistics
 import subprocess
@@ -34,7 +35,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench import env, records, table  # noqa: E402
-from commbound import HOSTS, IFACE, Runner, load, tcp_throughput  # noqa: E402
+from commbound import BIN, HOSTS, IFACE, Runner, load, tcp_throughput  # noqa: E402
 
 JOB = ["--config", "configs/fashion_mnist.yaml", "--threads", "1", "--no-augment"]  # the issue's job: no augmentation
 ARMS = {"defaults": {"adabatch": [], "lightning": "none"},
@@ -99,6 +100,20 @@ def lightning(r: Runner, py: str, out: Path, seed: int, compression: str, cluste
             "batches": [e["global_batch"] for e in res["epochs"]], "detail": res, "load": [before, load()]}
 
 
+def step_scalars(r: Runner, smoke: bool) -> dict:
+    """benchmarks/stop_check.py on one host, 2 ranks, under Gloo and MPI: what the stop agreement adds to a
+    step as a collective of its own and riding on the gradient exchange, and what the noise scale adds."""
+    rounds = ["3", "5"] if smoke else []
+    out = {}
+    for controller in ("gloo", "mpi"):
+        proc = r.run([BIN / "horovodrun", "-np", 2, "-H", "localhost:2", f"--{controller}", sys.executable,
+                      ROOT / "benchmarks/stop_check.py", *rounds])
+        # horovodrun prefixes each line with its rank ("[0]<stdout>:", mpirun's "[1,0]<stdout>:")
+        text = re.sub(r"\[[\d,]+\]<stdout>:", "\n", proc.stdout)
+        out[controller] = [line for line in text.splitlines() if line.strip()]
+    return out
+
+
 def phases(run: dict) -> dict:
     """Rank 0's phases in order, with the launcher's share first and the exit last (seconds)."""
     t = run["timing"]
@@ -128,6 +143,7 @@ def measure(seeds: list, bandwidth: str, out: Path, with_lightning: bool, extra:
                     res["runs"].setdefault(f"lightning|{arm}", []).append(
                         lightning(r, py, work / f"lightning-{arm.split()[0]}-s{s}.json", s, how["lightning"], c,
                                   extra))
+    res["step_scalars"] = step_scalars(r, bool(extra))
     res["log"] = r.log
     (out / "peers.json").write_text(json.dumps(res, indent=1, default=str))
     return res
@@ -168,6 +184,13 @@ def markdown(res: dict, before: dict | None = None) -> str:
                   f"(>1: faster), accuracy {100 * (a['acc'] - l_['acc']):+.2f} points."]
     s += [""]
     s += time_to_first_step(res, before)
+    if res.get("step_scalars"):
+        s += ["The per-step scalars (`benchmarks/stop_check.py`, one host, 2 ranks, one step of 64 per rank timed "
+              "each way in interleaved rounds): `separate` is the stop agreement as a collective of its own after "
+              "the step (as before issue 19), `fused` the flag riding on the step's gradient exchange (as now), and "
+              "the noise scale's cost is `fused+noise` against `fused` (issue 20).", ""]
+        for controller, lines in res["step_scalars"].items():
+            s += [f"{controller}:", "", "```", *lines, "```", ""]
     s += ["Commands:", "", "```", *res["log"], "```", ""]
     return "\n".join(s)
 

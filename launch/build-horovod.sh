@@ -65,8 +65,9 @@ import importlib.util, re, torch
 spec = importlib.util.find_spec("nvidia.nccl")
 print(torch.version.cuda or "-")
 print(next(iter(spec.submodule_search_locations)) if spec else "-")
-print(",".join(map(str, sorted({int(m[1]) for m in map(re.compile(r"sm_(\d+)").match, torch.cuda.get_arch_list()) if m})))
-      or "-")
+# get_arch_list() is empty where CUDA is not usable (no driver, some versions); the build's flags are not
+archs = torch.cuda.get_arch_list() or (getattr(torch._C, "_cuda_getArchFlags", lambda: "")() or "").split()
+print(",".join(map(str, sorted({int(m[1]) for m in map(re.compile(r"sm_(\d+)").match, archs) if m}))) or "-")
 EOF
   ) || die "$PY cannot import torch"
   { read -r torch_cuda; read -r torch_nccl; read -r torch_archs; } <<<"$probe"

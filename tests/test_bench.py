@@ -16,7 +16,8 @@ def test_bench_quick_writes_every_section(tmp_path):
     text = (tmp_path / "RESULTS.md").read_text()
     headings = ["## (a) Throughput", "## (b) Accuracy", "## (c) Overhead", "## (d) Cost of stage changes",
                 "## (e) Communication", "## Where the time goes", "## (f) Communication-bound", "## (g) The ImageNet",
-                "## (h) GPU", "## Commands run"]
+                "## (h) GPU", "## (i) Against PyTorch Lightning", "## (j) Growth from the gradient noise scale",
+                "## Commands run"]
     at = [text.find(h) for h in headings]
     assert -1 not in at and at == sorted(at), dict(zip(headings, at))
     for png in ("throughput.png", "accuracy.png", "comm_throughput.png"):
@@ -33,6 +34,18 @@ def test_bench_quick_writes_every_section(tmp_path):
     assert "Median ratio project / torchvision: **" in g
     h = text.split("## (h)")[1].split("\n## ")[0]
     assert "Not run: no NVIDIA GPU" in h or "A GPU is visible" in h
+    # (i): both frameworks on the cluster (Lightning in its own environment), and the phases of the default job
+    i = text.split("## (i)")[1].split("\n## ")[0]
+    for row in ("| adabatch-hvd | defaults |", "| lightning | defaults |", "| adabatch-hvd | fp16 compression |",
+                "| lightning | fp16 compression |", "| launcher, ssh |", "| import torch, horovod |",
+                "| **launch to the end of the first step** |"):
+        assert row in i, row
+    assert "**Smoke run**" in i and "lightning_job.py --num-nodes 2" in i
+    # (j): every arm ran, the noise arm's decisions are reported (none, in a 2-epoch smoke run, is possible)
+    j = text.split("## (j)")[1].split("\n## ")[0]
+    for arm in ("fixed-small", "timetable-i1", "timetable-i2", "timetable-i3", "noise"):
+        assert re.search(rf"\| {arm}( \(best timetable\))? \| \d", j), arm
+    assert (tmp_path / "growth_mlp.png").stat().st_size > 10_000
     # every AdaBatch stage did exactly one allreduce per parameter tensor per optimizer step
     comm = text.split("## (e) Communication")[1].split("##")[0]
     tensors = int(re.search(r"fmnist_cnn, (\d+) parameter tensors", comm).group(1))

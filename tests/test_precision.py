@@ -8,6 +8,8 @@ train state. fp32 (the default) runs the code it ran before: the bit-for-bit tes
 """
 
 import json
+import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -113,6 +115,17 @@ def test_checkpoints_hold_the_scaler_only_under_fp16(band_runs):
     assert "grad_scaler" not in final_checkpoint(band_runs["bf16"])
     scaler = final_checkpoint(band_runs["fp16"])["grad_scaler"]
     assert 0 < scaler["_growth_tracker"] <= 112 and scaler["scale"] >= 1  # 112 steps, since the last back-off
+
+
+def test_skipped_fp16_steps_are_logged(band_runs):
+    """Each step the scaler skipped is a line in train.log, with the scale it backed off to. The run has fewer
+    steps than the scaler's growth interval (2000), so every halving of its initial 65536 was one skip."""
+    scale = final_checkpoint(band_runs["fp16"])["grad_scaler"]["scale"]
+    lines = [line for line in (band_runs["fp16"] / "train.log").read_text().splitlines() if "fp16: inf/NaN" in line]
+    assert len(lines) == round(math.log2(65536 / scale)), (scale, lines)
+    for n, line in enumerate(lines, 1):
+        assert re.search(rf"in the gradients of step \d+ \(epoch \d+\): skipped, loss scale now "
+                         rf"{65536 / 2 ** n:g} \({n} skipped in this process\)$", line), line
 
 
 def test_a_checkpoint_without_scaler_state_resumes_under_fp16(band_runs, tmp_path):
