@@ -50,10 +50,10 @@ def arms() -> dict:
 
 
 def b_noise_curve(run_dir: Path) -> list:
-    """(samples seen, B_noise) from TensorBoard's noise/b_noise (the monitor's points on the samples axis)."""
+    """(samples seen, B_noise) from TensorBoard's per-step noise/b_noise (tb/steps: on the samples-seen axis)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc = EventAccumulator(str(run_dir / "tb" / "steps"), size_guidance={"scalars": 0})
     acc.Reload()
     return [(e.step, e.value) for e in acc.Scalars("noise/b_noise")] if "noise/b_noise" in acc.Tags()["scalars"] \
         else []
