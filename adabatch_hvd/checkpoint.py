@@ -24,6 +24,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from . import phases
 from .errors import UserError, one_line
 from .limits import MAX_INDEX_BYTES, read_limited
 from .atomic import atomic_write
@@ -94,6 +95,7 @@ def make_current(path: Path) -> None:
 
 
 # ---- save and prune ----------------------------------------------------------------------------
+@phases.timed("checkpoint")  # summed over the run: RUN_DIR/timing.jsonl
 def save(state: dict, directory, keep: int, protect: Optional[Path] = None) -> Path:
     """Write atomically, append to the index, then keep the newest `keep` listed checkpoints.
 

@@ -14,7 +14,7 @@ import re
 import sys
 import threading
 
-from . import config, phases, sampler, signals
+from . import config, phases, rundir, sampler, signals
 from . import exitstatus
 from .errors import (EXIT_DISK_FULL, EXIT_INTERRUPTED, EXIT_LOST_PEERS, EXIT_NON_FINITE, EXIT_STOPPED, EXIT_USER,
                      DiskFull, NonFiniteLoss, UserError, print_error)
@@ -106,6 +106,9 @@ def _train(cfg: config.Config, threads):
     phases.mark("import trainer")
     trainer = Trainer(cfg, threads)
     trainer.fit()  # gives the run dir back; a start that fails before its first step leaves nothing there
+    if trainer.main and trainer.trained:  # rank 0 of a start that trained: where its time went
+        phases.mark("finish")
+        phases.record(trainer.run_dir / rundir.TIMING, world_size=trainer.world)
     return trainer
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import dist, sampler
+from . import dist, phases, sampler
 from .errors import NonFiniteLoss
 from .microbatch import MicroBatchTuner
 
@@ -133,6 +133,7 @@ def to_device(batch, device: torch.device):
     return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)
 
 
+@phases.timed("evaluation")  # summed over the run: RUN_DIR/timing.jsonl
 @torch.no_grad()
 def evaluate(model, test_set, n_test: int, rank: int, world: int, eval_batch: int, workers: int, device):
     """Test loss and accuracy from allreduced sums over every test sample exactly once."""

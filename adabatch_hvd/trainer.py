@@ -217,9 +217,6 @@ class Trainer:
             finally:
                 if self.hold is not None and self.main:  # a start that failed before its first step leaves nothing
                     self.hold.release(undo=failed and not self.trained)
-        if self.main and self.trained:
-            phases.mark("finish")
-            phases.record(self.run_dir / rundir.TIMING, world_size=self.world)
 
     def _fit(self) -> None:
         st = self.state
@@ -371,9 +368,8 @@ class Trainer:
 
     def evaluate(self):
         d = self.cfg.data
-        with phases.timed("evaluation"):
-            return evaluate(self.model, self.test_set, self.n_test, self.rank, self.world, d.eval_batch, d.workers,
-                            self.device)
+        return evaluate(self.model, self.test_set, self.n_test, self.rank, self.world, d.eval_batch, d.workers,
+                        self.device)
 
     def _save(self) -> None:
         # Parameters are identical on every rank after each step, so all ranks agree on this check.
@@ -387,6 +383,5 @@ class Trainer:
             state = {**self.components.capture(), "stage": self.plans[min(st.epoch, len(self.plans) - 1)].stage,
                      "model_name": self.cfg.model.name, "num_classes": self.train_set.info.num_classes,
                      "n_train": self.n_train, "config": to_dict(self.cfg), "versions": library_versions(), "rng": rng}
-            with phases.timed("checkpoint"):
-                path = checkpoint.save(state, self.ckpt_dir, self.cfg.checkpoint.keep, protect=self.resume.loaded_from)
+            path = checkpoint.save(state, self.ckpt_dir, self.cfg.checkpoint.keep, protect=self.resume.loaded_from)
             log.info("checkpoint %s (epoch %d, offset %d)", path, st.epoch, st.offset)
