@@ -27,10 +27,11 @@ skipped. The check sees the *averaged* gradients, identical on every rank (an in
 inf or NaN in the average everywhere), so every rank skips the same steps and backs off to the same
 scale: the ranks stay in lockstep. fp32 runs exactly the code it ran before there was a choice.
 
-The gradient noise scale (`noise`, see noise.py): a tensor hook per parameter takes each backward pass's
-squared gradient norm before it is accumulated (and before Horovod's hook starts the allreduce); the
-step's three small-batch numbers ride on the same exchange as the scalars, and the averaged gradient's
-norm is taken after the step. `noise_inputs` then holds what `NoiseScale.update` takes, or None.
+The gradient noise scale (`noise`, see noise.py): on a measured step (`measure`; the trainer measures every
+schedule.noise_every-th) a tensor hook per parameter takes each backward pass's squared gradient norm before
+it is accumulated (and before Horovod's hook starts the allreduce); the step's three small-batch numbers ride
+on the same exchange as the scalars, and the averaged gradient's norm is taken after the step.
+`noise_inputs` then holds what `NoiseScale.update` takes, or None (not measured, or an fp16 step skipped).
 """
 
 from __future__ import annotations
@@ -80,12 +81,14 @@ class Accumulator:
         self.passes = passes
 
     def step(self, micro_batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], step_size: int, passes: int,
-             scalars: torch.Tensor | None = None):
+             scalars: torch.Tensor | None = None, measure: bool = True):
         """Forward/backward every micro-batch of this rank, then one optimizer step.
 
         Returns (loss_sum, correct, count, summed) over this rank's samples; the first two stay detached
         tensors on the model's device (no .item() per micro-step, which would sync a GPU); `summed` is
         `scalars` (a small float32 CPU tensor) summed over all ranks with the step's gradients, or None.
+        `measure` (with `noise`): take this step's noise-scale inputs; every rank must pass the same value (an
+        unmeasured step sends zeros in their place, so the exchange keeps its size) and the hooks then do nothing.
         Returns None, on every rank, when a rank ran out of memory under `oom_guard`: nothing was
         updated, and the scalars were not exchanged.
         """
@@ -94,6 +97,7 @@ class Accumulator:
         self.noise_inputs = None
         if self.norms is not None:
             self.norms.clear()
+            self.norms.enabled = measure
         out_of_memory = False
         try:
             loss_sum, correct, count, sizes = self._backward(micro_batches, step_size)
@@ -109,7 +113,8 @@ class Accumulator:
         n_scalars = 0 if scalars is None else len(scalars)
         if self.norms is not None:  # this rank's [sum |g_m|^2, sum 1/b_m, count] join the scalars
             local = local_estimate_inputs(self.norms.take(), sizes, step_size, self.world_size,
-                                          None if self.scaler is None else self.scaler._scale)
+                                          None if self.scaler is None else self.scaler._scale) if measure else \
+                torch.zeros(3, dtype=torch.float32)
             scalars = local if scalars is None else torch.cat([scalars.to(local.device, torch.float32), local])
         handle = None
         if scalars is not None and self.fuse:
@@ -128,8 +133,8 @@ class Accumulator:
             summed = dist.allreduce_sum(scalars.float(), name="step_scalars")
         self.sync_seconds = time.perf_counter() - t0
         if self.norms is not None:
-            big = grad_sqr_norm(self.model.parameters())  # the averaged (fp16: unscaled) gradient
-            if not self.skipped:
+            if measure and not self.skipped:
+                big = grad_sqr_norm(self.model.parameters())  # the averaged (fp16: unscaled) gradient
                 self.noise_inputs = (*small_stats(summed[n_scalars:]), big, step_size)
             summed = summed[:n_scalars] if n_scalars else None
         self.optimizer.zero_grad()

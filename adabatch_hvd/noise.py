@@ -227,7 +227,8 @@ class NoiseScale:
     estimates seen, not pulled towards zero.
 
     The state is plain Python floats and ints (`state_dict`), exact through JSON, pickle and broadcast_object;
-    `samples` and `steps` count what has entered the averages (steps without an estimate are not counted).
+    `samples` counts the samples the averages stand for and `steps` the estimates in them (steps without an
+    estimate are not counted; unmeasured steps' samples wait in `pending` for the next estimate).
     """
 
     def __init__(self, half_life: float = DEFAULT_HALF_LIFE):
@@ -239,19 +240,33 @@ class NoiseScale:
         self.weight = 0.0  # 1 − Π decay: the bias correction
         self.samples = 0
         self.steps = 0
+        self.pending = 0  # samples of the steps trained since the last estimate, not measured (`skip`)
+
+    def skip(self, samples: int) -> None:
+        """A step of `samples` samples trained without a measurement (only every N-th step is measured): the next
+        estimate stands for them too."""
+        self.pending += int(samples)
 
     def update(self, small_sqr_sum, small_count, b_small, big_sqr, b_big):
         """Fold in one optimizer step (arguments as `estimate`); returns the step's raw (|G|², tr(Σ)), or None,
-        in which case nothing changed. Converts its arguments to Python floats (for tensors: one sync)."""
+        in which case only `pending` changed (as for `skip`). Converts its arguments to Python floats (for tensors: one sync).
+
+        The estimate stands for its own b_big samples and the `pending` ones of the unmeasured steps before it: the
+        old averages decay by 0.5 ** (covered / half_life) and the estimate takes the rest of the weight, so
+        measuring one step in N keeps the window at the same number of samples (each estimate then weighs N
+        steps' worth; the averages are as unbiased, with more variance)."""
         est = estimate(small_sqr_sum, small_count, b_small, big_sqr, b_big)
         if est is None:
+            self.skip(b_big)
             return None
         grad_sqr, variance = est
-        decay = 0.5 ** (float(b_big) / self.half_life)
+        covered = int(b_big) + self.pending
+        decay = 0.5 ** (covered / self.half_life)
         self.grad_sqr_avg = decay * self.grad_sqr_avg + (1.0 - decay) * grad_sqr
         self.variance_avg = decay * self.variance_avg + (1.0 - decay) * variance
         self.weight = decay * self.weight + (1.0 - decay)
-        self.samples += int(b_big)
+        self.samples += covered
+        self.pending = 0
         self.steps += 1
         return est
 
@@ -277,7 +292,8 @@ class NoiseScale:
 
     def state_dict(self) -> dict:
         return {"grad_sqr_avg": float(self.grad_sqr_avg), "variance_avg": float(self.variance_avg),
-                "weight": float(self.weight), "samples": int(self.samples), "steps": int(self.steps)}
+                "weight": float(self.weight), "samples": int(self.samples), "steps": int(self.steps),
+                "pending": int(self.pending)}
 
     def load_state_dict(self, state: dict) -> None:
         self.grad_sqr_avg = float(state["grad_sqr_avg"])
@@ -285,3 +301,4 @@ class NoiseScale:
         self.weight = float(state["weight"])
         self.samples = int(state["samples"])
         self.steps = int(state["steps"])
+        self.pending = int(state.get("pending", 0))  # not in checkpoints before noise_every

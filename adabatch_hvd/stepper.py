@@ -79,8 +79,9 @@ class Stepper:
         ran out of memory and nothing was updated; the caller's `remaining` redoes the step smaller."""
         for group in self.acc.optimizer.param_groups:
             group["lr"] = lr
+        measure = self.state.global_step % self.cfg.schedule.noise_every == 0  # the same on every rank and resume
         result = self.acc.step(item.micro, item.step.size, sampler.passes_per_step(item.step, self.world, item.size),
-                               scalars)
+                               scalars, measure)
         if result is None:
             self._out_of_memory(plan, item.size)
             return None
@@ -91,6 +92,8 @@ class Stepper:
                      self.acc.skipped_steps)
         if self.acc.noise_inputs is not None:  # the same allreduced numbers on every rank: the same estimate
             self.state.noise.update(*self.acc.noise_inputs)
+        elif not self.acc.skipped:  # unmeasured: the next estimate stands for these samples too
+            self.state.noise.skip(item.step.size)
         loss = float(loss_sum) / max(count, 1)
         if not math.isfinite(loss):
             st = self.state

@@ -8,7 +8,9 @@ warmup, micro-batch cap 256, one rank per host, 1 thread), seeds interleaved:
                   N in INTERVALS is the tuning of `interval`, and the best of them (final accuracy, then time)
                   is reported as "best timetable"
   noise           --mode noise with its defaults (noise_multiple 1, noise_checks 4, half-life 50,000
-                  samples), 128 up to 2048, untuned per model
+                  samples, measured every 8th step), 128 up to 2048, untuned per model
+  noise-m0.25     (full and reduced profiles) the same with noise_multiple 0.25: a sensitivity arm, not the
+                  goal's arm (grow while the next batch is at most 4 x B_noise)
 Reported: final test accuracy, training seconds, seconds to the target accuracy, the growth points; plots of
 test accuracy against training time, and of B_noise with the global batch against samples seen.
 
@@ -32,20 +34,23 @@ from commbound import Runner, summarize, tcp_throughput  # noqa: E402
 
 INTERVALS = [1, 2, 3]
 PROFILES = {
-    "full": dict(models=["fmnist_cnn", "mlp"], seeds=[0, 1, 2], epochs=5, samples=[], target=0.88),
+    "full": dict(models=["fmnist_cnn", "mlp"], seeds=[0, 1, 2], epochs=5, samples=[], target=0.88, sensitivity=True),
     "reduced": dict(models=["fmnist_cnn", "mlp"], seeds=[0], epochs=5, samples=["--train-samples", 30000,
                                                                                   "--test-samples", 5000],
-                    target=0.85),
+                    target=0.85, sensitivity=True),
     "smoke": dict(models=["mlp"], seeds=[0], epochs=2, samples=["--train-samples", 4096, "--test-samples", 1000],
-                  target=0.5),
+                  target=0.5, sensitivity=False),
 }
+SENSITIVITY = 0.25  # the noise_multiple of the sensitivity arm
 
 
-def arms() -> dict:
+def arms(sensitivity: bool = False) -> dict:
     grow = ["--initial-batch", 128, "--max-batch", 2048]
     out = {"fixed-small": ["--mode", "fixed", "--initial-batch", 128]}
     out.update({f"timetable-i{n}": ["--mode", "adaptive", *grow, "--interval", n] for n in INTERVALS})
     out["noise"] = ["--mode", "noise", *grow]
+    if sensitivity:
+        out[f"noise-m{SENSITIVITY:g}"] = ["--mode", "noise", *grow, "--schedule.noise_multiple", SENSITIVITY]
     return out
 
 
@@ -73,7 +78,7 @@ def measure(name: str, out: Path) -> dict:
         res["tcp_bits_per_second"] = tcp_throughput(c)
         for model in p["models"]:
             for s in p["seeds"]:
-                for arm, flags in arms().items():
+                for arm, flags in arms(p.get("sensitivity", False)).items():
                     run_dir = work / f"{model}-{arm}-s{s}"
                     run = r.train(run_dir, [*flags, "--model", model, "--epochs", p["epochs"], *p["samples"],
                                             "--seed", s, "--log-every-steps", 10], c)
@@ -150,22 +155,27 @@ def markdown(res: dict, pngs: list) -> str:
                          f"{v['acc']:.2f} ± {v['acc_sd']:.2f}", f"{v['time']:.1f} ± {v['time_sd']:.1f}",
                          f"{v['to_target']:.1f} ({v['reached']}/{v['n']})" if v["to_target"] else "not reached",
                          "; ".join(", ".join(f"epoch {e}: -> {b} (B_noise {n})" for e, b, n in g) or "none"
-                                   for g in growth) if arm == "noise" else ""))
+                                   for g in growth) if arm.startswith("noise") else ""))
         s += [f"### {model}", "", table(["arm", "global batch by epoch (seed 0)", "final test acc %", "train seconds",
                                           f"seconds to {100 * target:.0f}%", "noise decisions (per seed)"], rows), ""]
-        n, paper = summ.get("noise", {}), summ.get("timetable-i1", {})
-        if n.get("n") and paper.get("n"):
+        paper = summ.get("timetable-i1", {})
+        for arm in (a for a in summ if a.startswith("noise")):
+            n = summ[arm]
+            if not (n.get("n") and paper.get("n")):
+                continue
             verdict = ("reaches" if n["acc"] >= paper["acc"] - 0.3 else "misses") + \
                 f" the paper timetable's accuracy within 0.3 points ({n['acc'] - paper['acc']:+.2f}) in " + \
                 f"{n['time'] / paper['time']:.2f}x its training time"
-            s += [f"Noise-driven growth {verdict}."
+            who = "Noise-driven growth" if arm == "noise" else f"The sensitivity arm ({arm}, tuned, not the goal's)"
+            s += [f"{who} {verdict}."
                   + (f" Against the best timetable ({best}): {n['acc'] - summ[best]['acc']:+.2f} points, "
                      f"{n['time'] / summ[best]['time']:.2f}x the time." if best else ""), ""]
-        bn = [e.get("b_noise") for x in runs.get("noise", []) for e in x["records"]]
-        if any(v is not None for v in bn):
-            s += ["B_noise at each epoch's end (noise arm, seed by seed): " + "; ".join(
-                ", ".join(f"{e['b_noise']:.0f}" if e.get("b_noise") is not None else "-" for e in x["records"])
-                for x in runs["noise"]) + ".", ""]
+        for arm in (a for a in runs if a.startswith("noise")):
+            bn = [e.get("b_noise") for x in runs[arm] for e in x["records"]]
+            if any(v is not None for v in bn):
+                s += [f"B_noise at each epoch's end ({arm} arm, seed by seed): " + "; ".join(
+                    ", ".join(f"{e['b_noise']:.0f}" if e.get("b_noise") is not None else "-" for e in x["records"])
+                    for x in runs[arm]) + ".", ""]
     s += [f"![{png.stem}]({png.name})" for png in pngs] + [""]
     s += ["Commands:", "", "```", *res["log"], "```", ""]
     return "\n".join(s)

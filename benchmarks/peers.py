@@ -188,7 +188,8 @@ def markdown(res: dict, before: dict | None = None) -> str:
         s += ["The per-step scalars (`benchmarks/stop_check.py`, one host, 2 ranks, one step of 64 per rank timed "
               "each way in interleaved rounds): `separate` is the stop agreement as a collective of its own after "
               "the step (as before issue 19), `fused` the flag riding on the step's gradient exchange (as now), and "
-              "the noise scale's cost is `fused+noise` against `fused` (issue 20).", ""]
+              "the noise scale's cost is `fused+noise` against `fused` (issue 20), measured on every step and on every "
+              "8th (schedule.noise_every's default).", ""]
         for controller, lines in res["step_scalars"].items():
             s += [f"{controller}:", "", "```", *lines, "```", ""]
     s += ["Commands:", "", "```", *res["log"], "```", ""]

@@ -68,7 +68,8 @@ def test_checks_fall_on_fixed_offsets_and_need_a_full_streak(monkeypatch):
 NOISE_RUN = ["--config", "configs/fashion_mnist.yaml", "--train-samples", "1024", "--test-samples", "128",
              "--epochs", "3", "--initial-batch", "32", "--max-micro-batch", "16", "--model.name", "mlp",
              "--every-steps", "4", "--threads", "1", "--quiet", "true", "--mode", "noise",
-             "--schedule.noise_half_life", "500", "--schedule.noise_multiple", "0.05", "--schedule.noise_checks", "3"]
+             "--schedule.noise_half_life", "500", "--schedule.noise_multiple", "0.05", "--schedule.noise_checks", "3",
+             "--schedule.noise_every", "3"]
 
 
 def _run(run_dir, *extra):
@@ -82,7 +83,7 @@ def _records(run_dir):
 
 def test_a_noise_run_stopped_mid_window_resumes_bit_identical(tmp_path):
     """Epoch 0 is 32 steps; its checks fall after steps 8 (256 samples seen, below the half-life: fails), 16, 24 and
-    32. A stop after step 20 lands inside the window of 3 checks that decides the first growth, with 1 passed: the
+    32; the noise scale is measured on every 3rd step. A stop after step 20 lands inside the window of 3 checks that decides the first growth, with 1 passed: the
     resumed run ends with the same decisions, records and weights as the run that went straight through."""
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     _run(straight)
@@ -92,6 +93,8 @@ def test_a_noise_run_stopped_mid_window_resumes_bit_identical(tmp_path):
     _run(stopped, "--stop-after-steps", "20")
     state, _ = checkpoint.load("latest", stopped / "checkpoints")
     assert state["global_step"] == 20 and state["noise_streak"] == 1 and state["growth"] == []
+    # measured on steps 0, 3, ..., 18 (noise_every 3): step 19's samples wait for the next estimate
+    assert state["noise_scale"]["pending"] == 32 and state["noise_scale"]["steps"] == 7
     _run(stopped, "--resume", "auto")
     assert _records(stopped) == records
     a, _ = checkpoint.load("latest", straight / "checkpoints")

@@ -67,8 +67,9 @@ def problem(gen, d=D):
     return w_star, r / r.norm()  # |r| = 1
 
 
-def simulate(shares, samples, seed=0, half_life=DEFAULT_HALF_LIFE, loss_scale=None):
-    """Steps of the global batch S = Σ shares over W = len(shares) simulated ranks (see the module docstring)."""
+def simulate(shares, samples, seed=0, half_life=DEFAULT_HALF_LIFE, loss_scale=None, every=1):
+    """Steps of the global batch S = Σ shares over W = len(shares) simulated ranks (see the module docstring),
+    measured on every `every`-th step as the trainer does (the others: hooks off, `skip`)."""
     gen = torch.Generator().manual_seed(seed)
     w_star, r = problem(gen)
     w = torch.nn.Parameter(w_star + r)
@@ -84,7 +85,8 @@ def simulate(shares, samples, seed=0, half_life=DEFAULT_HALF_LIFE, loss_scale=No
     node.register_hook(in_place_allreduce)
     W, S = len(shares), sum(map(sum, shares))
     noise = NoiseScale(half_life)
-    for _ in range(samples // S):
+    for step in range(samples // S):
+        norms.enabled = step % every == 0
         X = torch.randn(S, D, generator=gen)
         y = X @ w_star + torch.randn(S, generator=gen) * SIGMA2 ** 0.5
         summed, average, i = torch.zeros(3), torch.zeros(D), 0
@@ -95,9 +97,14 @@ def simulate(shares, samples, seed=0, half_life=DEFAULT_HALF_LIFE, loss_scale=No
                 loss = 0.5 * (X[i:i + b] @ w - y[i:i + b]).square().mean() * (b * W / S)
                 (loss if loss_scale is None else loss * loss_scale).backward()
                 i += b
-            summed += local_estimate_inputs(norms.take(), sizes, S, W, loss_scale)
+            if norms.enabled:
+                summed += local_estimate_inputs(norms.take(), sizes, S, W, loss_scale)
             average += last["grad"] / W
-        noise.update(*small_stats(summed), grad_sqr_norm([average], loss_scale), S)
+        if norms.enabled:
+            noise.update(*small_stats(summed), grad_sqr_norm([average], loss_scale), S)
+        else:
+            assert not norms.take()  # the hooks did nothing
+            noise.skip(S)
     return noise, truth(r, D, SIGMA2)
 
 
@@ -130,6 +137,18 @@ def test_estimator_recovers_the_true_noise_scale(name):
     noise, (g2, tr) = simulate(SETTINGS[name], SAMPLES, seed=0)
     err = errors(noise, g2, tr)
     assert noise.samples == (SAMPLES // sum(map(sum, SETTINGS[name]))) * sum(map(sum, SETTINGS[name]))
+    assert all(abs(e) < TOLERANCE for e in err.values()), (name, err, tr / g2)
+
+
+@pytest.mark.parametrize("name", ["2 ranks, 2 passes", "1 rank, 4 passes of 64"])
+def test_measuring_every_eighth_step_stays_unbiased(name):
+    """schedule.noise_every = 8 (the default): one step in 8 is measured and stands for the 8 steps' samples. With
+    the window 8 times longer (in samples) it averages as many estimates as every step does at the default, and
+    comes within the same tolerance: the weighting by samples covered keeps the averages unbiased."""
+    S = sum(map(sum, SETTINGS[name]))
+    noise, (g2, tr) = simulate(SETTINGS[name], 8 * SAMPLES, seed=0, half_life=8 * DEFAULT_HALF_LIFE, every=8)
+    err = errors(noise, g2, tr)
+    assert noise.steps == (8 * SAMPLES // S + 7) // 8 and noise.samples + noise.pending == 8 * SAMPLES // S * S
     assert all(abs(e) < TOLERANCE for e in err.values()), (name, err, tr / g2)
 
 
@@ -204,7 +223,8 @@ def test_fp16_loss_scale_is_divided_out():
 
 
 def test_no_estimate_without_a_second_batch_size():
-    """One worker and no accumulation: B_small == B_big, nothing to estimate, and the state does not move."""
+    """One worker and no accumulation: B_small == B_big, nothing to estimate, and the averages do not move (the
+    step's samples wait in `pending`, as an unmeasured step's do)."""
     assert estimate(3.0, 1, 32, 2.0, 32) is None
     assert estimate(3.0, 0, None, 2.0, 32) is None  # no small batch at all
     assert estimate(math.inf, 2, 16, 2.0, 32) is None  # an fp16 overflow
@@ -215,7 +235,7 @@ def test_no_estimate_without_a_second_batch_size():
     assert count == 1 and b_small == pytest.approx(32, rel=1e-6)  # 1/(float32 1/32): equal, up to rounding
     before = noise.state_dict()
     assert noise.update(small_sqr, count, b_small, big, 32) is None
-    assert noise.state_dict() == before and noise.b_noise is None and noise.grad_sqr is None
+    assert noise.state_dict() == {**before, "pending": 32} and noise.b_noise is None and noise.grad_sqr is None
     # the same samples as 2 passes of one worker do give an estimate
     assert noise.update(*_split_step([[16, 16]], X, y, w0), 32) is not None and noise.steps == 1
 
@@ -243,6 +263,14 @@ def test_smoothing_is_per_sample():
     assert a.grad_sqr == pytest.approx(g2, rel=1e-12) and a.variance == pytest.approx(tr, rel=1e-12)
     with pytest.raises(ValueError):
         NoiseScale(half_life=0)
+    # measured on one step in 4, the others skipped: the same weight and samples as measuring all 4
+    c = NoiseScale(half_life=1000)
+    for _ in range(3):
+        c.skip(64)
+    assert c.pending == 192 and c.weight == 0.0
+    c.update(3.0, 4, 16, 2.0, 64)
+    assert (c.weight, c.samples, c.pending, c.steps) == (pytest.approx(a.weight, rel=1e-12), 256, 0, 1)
+    assert c.grad_sqr == pytest.approx(g2, rel=1e-12)
 
 
 def test_state_dict_round_trip_is_exact():
