@@ -162,7 +162,8 @@ def plan_table(cfg: config.Config, world_size: int, num_samples: int) -> str:
     if noise:
         lines.append(f"decided at run time: when each stage starts (at an epoch's end, once the smoothed gradient "
                      f"noise scale has been >= {s.noise_multiple:g} x the next global batch for {s.noise_checks} "
-                     f"checks in a row, 4 per epoch, after {s.noise_half_life:g} samples); bounds: stage 0 from epoch "
+                     f"checks in a row, 4 per epoch, after {s.noise_half_life:g} samples; measured on 1 step "
+                     f"in {s.noise_every}); bounds: stage 0 from epoch "
                      f"0, at most one growth per epoch, {len(rows) - 1} growth(s) at most "
                      f"(max_batch={s.max_batch}), never shrinking")
     return "\n".join([title, *lines])

@@ -570,11 +570,17 @@ def markdown(res: dict) -> str:
     return "\n".join(s)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profile", choices=list(PROFILES), default="full")
+def profile_parser(doc: str, profiles: dict, saved: str) -> argparse.ArgumentParser:
+    """The flags of a section's driver (this one, growth_bench.py): --profile, --out, --reuse."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", choices=list(profiles), default="full")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks")
-    ap.add_argument("--reuse", action="store_true", help="rewrite the section from an earlier commbound.json")
+    ap.add_argument("--reuse", action="store_true", help=f"rewrite the section from an earlier {saved}")
+    return ap
+
+
+def main():
+    ap = profile_parser(__doc__, PROFILES, "commbound.json")
     ap.add_argument("--only", choices=["f2b"], help="measure only this part, into OUT/commbound-f2b.md (without "
                                                      "(f1)'s throughputs, so with no predicted speedup)")
     a = ap.parse_args()

@@ -20,7 +20,6 @@ writes DIR/growth.json, DIR/growth_*.png and prints the markdown section.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -30,7 +29,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench import table  # noqa: E402
-from commbound import Runner, summarize, tcp_throughput  # noqa: E402
+from commbound import Runner, profile_parser, summarize, tcp_throughput  # noqa: E402
 
 INTERVALS = [1, 2, 3]
 PROFILES = {
@@ -182,11 +181,7 @@ def markdown(res: dict, pngs: list) -> str:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profile", choices=list(PROFILES), default="full")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks")
-    ap.add_argument("--reuse", action="store_true", help="rewrite the section from an earlier DIR/growth.json")
-    a = ap.parse_args()
+    a = profile_parser(__doc__, PROFILES, "DIR/growth.json").parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     res = json.loads((a.out / "growth.json").read_text()) if a.reuse else measure(a.profile, a.out)
     print(markdown(res, plot(res, a.out)))

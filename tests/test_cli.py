@@ -143,6 +143,21 @@ def test_checkpoint_from_another_model_keeps_everything(tmp_path):
     assert len(json.loads((run / "metrics.jsonl").read_text().splitlines()[0])) > 5
 
 
+def test_plan_of_a_noise_run_says_what_is_decided_at_run_time():
+    """Issue 20: adabatch-plan --mode noise lists the stages it can reach and states the rule and its bounds."""
+    proc = plan("-c", "configs/fashion_mnist.yaml", "--world-size", "2", "--mode", "noise", "--epochs", "5",
+                "--max-batch", "512", "--schedule.noise_multiple", "0.5")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "mode=noise" in lines[0]
+    rows = [line.split() for line in lines if line.split() and line.split()[0].isdigit()]
+    assert [r[1] for r in rows] == ["run", "run", "run"] and [r[3] for r in rows] == ["128", "256", "512"], lines
+    assert lines[-1] == ("decided at run time: when each stage starts (at an epoch's end, once the smoothed gradient "
+                         "noise scale has been >= 0.5 x the next global batch for 4 checks in a row, 4 per epoch, "
+                         "after 50000 samples; measured on 1 step in 8); bounds: stage 0 from epoch 0, at most "
+                         "one growth per epoch, 2 growth(s) at most (max_batch=512), never shrinking")
+
+
 def test_one_data_set_registry_for_the_plan_the_help_and_the_readers():
     """config.DATA_SETS is the one list: adabatch-plan reads its sizes without importing torch, the help
     lists its names, and data.py reads each set with the reader the registry names."""
