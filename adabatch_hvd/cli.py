@@ -165,7 +165,9 @@ def plan_table(cfg: config.Config, world_size: int, num_samples: int) -> str:
                      f"checks in a row, 4 per epoch, after {s.noise_half_life:g} samples; measured on 1 step "
                      f"in {s.noise_every}); bounds: stage 0 from epoch "
                      f"0, at most one growth per epoch, {len(rows) - 1} growth(s) at most "
-                     f"(max_batch={s.max_batch}), never shrinking")
+                     f"(max_batch={s.max_batch}), never shrinking; the lr column is a stage's first LR if it starts "
+                     f"at the earliest epoch: it decays x{s.lr_decay:g} every {s.interval} epoch(s) whether the "
+                     f"batch grew or not")
     return "\n".join([title, *lines])
 
 

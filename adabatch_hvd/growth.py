@@ -5,8 +5,9 @@ at every quarter of an epoch (fixed sample offsets, the same on every rank and a
 a check passes when the estimator has seen at least `noise_half_life` samples and the smoothed
 B_noise is at least `noise_multiple` times the next global batch. At the end of an epoch whose last
 `noise_checks` checks all passed, the batch grows by `growth_factor` from the next epoch on (never
-beyond max_batch, never shrinking), and the LR follows the same rule as a timetable's stage change:
-a noise-driven run and a timetable run differ only in *when* they grow.
+beyond max_batch, never shrinking), and the LR scales with the batch by the same rule as a timetable's
+while its step decay comes every `interval` epochs, as the timetable's and the fixed baseline's do
+(Schedule.decays): a noise-driven run and a timetable run differ only in *when* they grow.
 
 Rank 0 decides and broadcasts, so every rank takes the same decision even on mixed hardware. Each
 decision is a record in the train state (checkpoints, elastic commits): a resume replays the

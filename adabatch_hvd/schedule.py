@@ -72,7 +72,8 @@ class ScheduleConfig:
     max_batch: Optional[int] = _f(None, "largest global batch; growth stops there")
     mode: str = _f("adaptive", "adaptive (AdaBatch: grow every `interval` epochs or at `stages`), fixed (baseline: "
                                "same LR decay, constant batch) or noise (grow by growth_factor at an epoch's end "
-                               "when the measured gradient noise scale says so; see noise_multiple)")
+                               "when the measured gradient noise scale says so, see noise_multiple; the LR decays "
+                               "every `interval` epochs as in the other modes)")
     scaling: str = _f("linear", "LR scaling rule in the batch: linear, sqrt or none")
     lr_decay: float = _f(0.375, "LR step decay at each stage boundary (paper: 0.375; AdaBatch x2 gives 0.75)")
     warmup_epochs: float = _f(0.0, "linear LR warmup length in epochs (Goyal et al.); 0 = off")
@@ -166,8 +167,10 @@ class Schedule(ScheduleConfig):
         if self.max_batch is not None and self.max_batch < self.first_batch:
             raise UserError(f"schedule.max_batch {self.max_batch} is below the initial batch {self.first_batch}; "
                             f"raise schedule.max_batch or lower the initial batch")
-        for stage, e in enumerate(self.boundaries()):  # non-integral growth (e.g. 1.5 x 5) shows up here
-            batch, lr = self.global_batch(e), self.lr_at(e)
+        checked = self.boundaries() if self.mode != "noise" else sorted({*self.boundaries(),
+                                                                          *range(0, self.epochs, self.interval)})
+        for e in checked:  # non-integral growth (e.g. 1.5 x 5) shows up here; mode noise: its LR decays too
+            stage, batch, lr = self.stage_of(e), self.global_batch(e), self.lr_at(e)
             if batch > MAX_BATCH:
                 raise _too_big(e, stage)
             if not 0 < lr < math.inf:
@@ -212,8 +215,21 @@ class Schedule(ScheduleConfig):
     def stage_of(self, epoch: float) -> int:
         if self.stages or self.mode == "noise":
             return bisect.bisect_right(self.boundaries(), epoch) - 1
+        return self._timetable_stage(epoch)
+
+    def _timetable_stage(self, epoch: float) -> int:
+        """The stage of `epoch` on the timetable of `interval` epochs per stage."""
         last = (self.epochs - 1) // self.interval
         return min(int(epoch // self.interval), last) if epoch >= 0 else -1
+
+    def decays(self, epoch: int) -> int:
+        """How many times the LR has had its step decay by `epoch`: at every stage boundary after the first, and in
+        mode noise every `interval` epochs whatever the batch, as the timetable and the fixed baseline decay it.
+        So the LR is the same function of (epoch, batch) in every mode, and a noise run differs from a timetable
+        only in when its batch grows: one that never grows is the fixed baseline, one that grows at every interval
+        is the timetable. (Were the decay tied to growth, a run that has not grown would keep its first LR, and
+        the noise scale, which rises as the LR falls, would rise more slowly and hold the growth back.)"""
+        return self._timetable_stage(epoch) if self.mode == "noise" else self.stage_of(epoch)
 
     def global_batch(self, epoch: int) -> int:
         stage = self.stage_of(epoch)
@@ -245,7 +261,7 @@ class Schedule(ScheduleConfig):
         e = int(math.floor(epoch))
         reference = self.reference_batch or self.first_batch
         lr = self.lr * SCALING_RULES[self.scaling](self.global_batch(e) / reference)
-        lr *= self.lr_decay ** self.stage_of(e)
+        lr *= self.lr_decay ** self.decays(e)
         if epoch < self.warmup_epochs:
             frac = epoch / self.warmup_epochs
             lr *= self.warmup_start_factor + (1.0 - self.warmup_start_factor) * frac
@@ -295,7 +311,8 @@ class Schedule(ScheduleConfig):
         plans = []
         for e in range(self.epochs):
             last = plans[-1] if plans else None
-            if last is not None and last.epoch >= self.warmup_epochs and last.stage == self.stage_of(e):
+            if last is not None and last.epoch >= self.warmup_epochs and last.stage == self.stage_of(e) and \
+                    self.decays(last.epoch) == self.decays(e):
                 plans.append(replace(last, epoch=e))  # the same stage after warmup: the same numbers
             else:
                 plans.append(self.resolve(e, world_size, max_micro_batch, even))

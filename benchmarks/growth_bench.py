@@ -8,7 +8,8 @@ warmup, micro-batch cap 256, one rank per host, 1 thread), seeds interleaved:
                   N in INTERVALS is the tuning of `interval`, and the best of them (final accuracy, then time)
                   is reported as "best timetable"
   noise           --mode noise with its defaults (noise_multiple 1, noise_checks 4, half-life 50,000
-                  samples, measured every 8th step), 128 up to 2048, untuned per model
+                  samples, measured every 8th step), 128 up to 2048, untuned per model; its LR decays every
+                  epoch (the protocol's interval 1) as fixed-small's and the paper timetable's do
   noise-m0.25     (full and reduced profiles) the same with noise_multiple 0.25: a sensitivity arm, not the
                   goal's arm (grow while the next batch is at most 4 x B_noise)
 Reported: final test accuracy, training seconds, seconds to the target accuracy, the growth points; plots of
@@ -63,7 +64,8 @@ def b_noise_curve(run_dir: Path) -> list:
         else []
 
 
-def measure(name: str, out: Path) -> dict:
+def measure(name: str, out: Path, only: list | None = None) -> dict:
+    """Run the profile's arms (or only those named), seeds interleaved per model."""
     from cluster import Cluster
 
     p = PROFILES[name]
@@ -78,6 +80,8 @@ def measure(name: str, out: Path) -> dict:
         for model in p["models"]:
             for s in p["seeds"]:
                 for arm, flags in arms(p.get("sensitivity", False)).items():
+                    if only and arm not in only:
+                        continue
                     run_dir = work / f"{model}-{arm}-s{s}"
                     run = r.train(run_dir, [*flags, "--model", model, "--epochs", p["epochs"], *p["samples"],
                                             "--seed", s, "--log-every-steps", 10], c)
@@ -137,7 +141,9 @@ def markdown(res: dict, pngs: list) -> str:
     s += [f"The protocol of (f2) on two hosts at 100mbit (one TCP stream: {res['tcp_bits_per_second'] / 1e6:.0f} "
           f"Mbit/s), {p['epochs']} epochs, for each model: fixed-small (128), the paper's timetable (AdaBatch "
           f"doubling every epoch from 128 to 2048, = timetable-i1), the timetable tuned over `interval` in "
-          f"{INTERVALS}, and `--mode noise` with its defaults, untuned. Time is training time (evaluation "
+          f"{INTERVALS}, and `--mode noise` with its defaults, untuned"
+          + (f" (and, as a sensitivity arm, with noise_multiple {SENSITIVITY:g})" if p.get("sensitivity") else "")
+          + ". Time is training time (evaluation "
           f"excluded); target accuracy {100 * target:.0f}%; seeds {p['seeds']}.", ""]
     for model, runs in res["runs"].items():
         summ = {arm: summarize(xs, target) for arm, xs in runs.items()}
@@ -181,9 +187,12 @@ def markdown(res: dict, pngs: list) -> str:
 
 
 def main():
-    a = profile_parser(__doc__, PROFILES, "DIR/growth.json").parse_args()
+    ap = profile_parser(__doc__, PROFILES, "DIR/growth.json")
+    ap.add_argument("--arms", help="measure only these arms (comma-separated), e.g. noise,noise-m0.25")
+    a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
-    res = json.loads((a.out / "growth.json").read_text()) if a.reuse else measure(a.profile, a.out)
+    res = json.loads((a.out / "growth.json").read_text()) if a.reuse else \
+        measure(a.profile, a.out, a.arms.split(",") if a.arms else None)
     print(markdown(res, plot(res, a.out)))
 
 

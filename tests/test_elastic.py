@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from adabatch_hvd import checkpoint, sampler
+from adabatch_hvd.schedule import ScheduleConfig
 from conftest import ROOT, hvd_env
 
 N_TRAIN, EPOCHS = 1200, 8  # long enough that a host offered again joins well before the end on a quiet machine
@@ -235,3 +236,16 @@ def test_world_size_changes_in_metrics_and_tensorboard(elastic):
     assert [e.value for e in by_epoch.Scalars("world_size")] == [r["world_size"] for r in recs]
     texts = [t.tensor_proto.string_val[0].decode() for t in by_samples.Tensors("elastic/text_summary")]
     assert len(texts) == 3 and "3 -> 2" in texts[0] and "2 -> 3" in texts[1] and "3 -> 2" in texts[2], texts
+
+
+def test_the_noise_scale_carries_over_every_world_change(elastic, reference):
+    """Issue 20: the noise scale's averages are per sample and travel with the commits, so the 3 -> 2 -> 3 -> 2 run
+    ends with an estimator that has seen every sample trained, once (a reset that restarted it, or a rollback that
+    kept the rolled-back steps' estimates, would count fewer or more), measured on the same steps (the run's step
+    count, every schedule.noise_every-th) as the uninterrupted run; and every epoch's record has a B_noise."""
+    a = checkpoint.load("latest", reference / "checkpoints")[0]["noise_scale"]
+    b = checkpoint.load("latest", elastic["job"].run_dir / "checkpoints")[0]["noise_scale"]
+    assert b["samples"] + b["pending"] == N_TRAIN * EPOCHS
+    assert (b["samples"], b["pending"], b["steps"]) == (a["samples"], a["pending"], a["steps"]) == \
+        (b["samples"], b["pending"], -(-STEPS // ScheduleConfig.noise_every))
+    assert all(r["b_noise"] is not None and r["b_noise"] > 0 for r in elastic["records"])

@@ -28,6 +28,15 @@ def test_a_noise_run_differs_from_the_timetable_only_in_when_it_grows():
     grown = replay(noise_schedule(max_batch=128), [{"epoch": 2}, {"epoch": 4}])
     for e in range(6):
         assert (grown.global_batch(e), grown.lr_at(e)) == (timetable.global_batch(e), timetable.lr_at(e))
+    never = noise_schedule(max_batch=128)
+    fixed = Schedule(initial_batch=32, epochs=6, lr=0.1, interval=2, mode="fixed")
+    for e in range(6):  # one that never grows is the fixed baseline: the LR decays every interval all the same
+        assert (never.global_batch(e), never.lr_at(e)) == (fixed.global_batch(e), fixed.lr_at(e))
+    assert never.lr_at(2) == 0.1 * 0.375 and never.plan(1)[2].lr == never.lr_at(2)
+    late = replay(never, [{"epoch": 3}])  # growth off the interval: x2 from epoch 3, the decay still at 2 and 4
+    assert [late.lr_at(e) for e in range(6)] == [0.1, 0.1, 0.1 * 0.375, 0.2 * 0.375, 0.2 * 0.375 ** 2,
+                                                  0.2 * 0.375 ** 2]
+    assert [p.lr for p in late.plan(1)] == [late.lr_at(e) for e in range(6)]
     assert noise_schedule().global_batch(5) == 32  # nothing decided: no growth
     assert not grown.can_grow(5)  # max_batch bounds it
     assert noise_schedule().can_grow(5) and not noise_schedule().can_grow(6)  # not beyond the last epoch
