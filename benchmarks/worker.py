@@ -125,9 +125,9 @@ def comm(a) -> dict:
     steps = []
     real_step = accumulation.Accumulator.step
 
-    def counted_step(self, micro_batches, step_size, passes, scalars=None):
+    def counted_step(self, micro_batches, step_size, passes, *rest):
         before = dict(calls)
-        out = real_step(self, micro_batches, step_size, passes, scalars)
+        out = real_step(self, micro_batches, step_size, passes, *rest)
         steps.append({"size": step_size, "passes": passes, "calls": calls["n"] - before["n"],
                       "bytes": calls["bytes"] - before["bytes"]})
         return out
