@@ -249,7 +249,8 @@ class NoiseScale:
 
     def update(self, small_sqr_sum, small_count, b_small, big_sqr, b_big):
         """Fold in one optimizer step (arguments as `estimate`); returns the step's raw (|G|², tr(Σ)), or None,
-        in which case only `pending` changed (as for `skip`). Converts its arguments to Python floats (for tensors: one sync).
+        in which case only `pending` changed (as for `skip`). Converts its arguments to Python floats (for
+        tensors: one sync).
 
         The estimate stands for its own b_big samples and the `pending` ones of the unmeasured steps before it: the
         old averages decay by 0.5 ** (covered / half_life) and the estimate takes the rest of the weight, so

@@ -167,9 +167,8 @@ class Schedule(ScheduleConfig):
         if self.max_batch is not None and self.max_batch < self.first_batch:
             raise UserError(f"schedule.max_batch {self.max_batch} is below the initial batch {self.first_batch}; "
                             f"raise schedule.max_batch or lower the initial batch")
-        checked = self.boundaries() if self.mode != "noise" else sorted({*self.boundaries(),
-                                                                          *range(0, self.epochs, self.interval)})
-        for e in checked:  # non-integral growth (e.g. 1.5 x 5) shows up here; mode noise: its LR decays too
+        decay_epochs = range(0, self.epochs, self.interval) if self.mode == "noise" else ()  # its LR decays there
+        for e in sorted({*self.boundaries(), *decay_epochs}):  # non-integral growth (e.g. 1.5 x 5) shows up here
             stage, batch, lr = self.stage_of(e), self.global_batch(e), self.lr_at(e)
             if batch > MAX_BATCH:
                 raise _too_big(e, stage)

@@ -155,9 +155,9 @@ def test_plan_of_a_noise_run_says_what_is_decided_at_run_time():
     assert lines[-1] == ("decided at run time: when each stage starts (at an epoch's end, once the smoothed gradient "
                          "noise scale has been >= 0.5 x the next global batch for 4 checks in a row, 4 per epoch, "
                          "after 50000 samples; measured on 1 step in 8); bounds: stage 0 from epoch 0, at most "
-                         "one growth per epoch, 2 growth(s) at most (max_batch=512), never shrinking; the lr column is a stage's "
-                         "first LR if it starts at the earliest epoch: it decays x0.375 every 2 epoch(s) whether the "
-                         "batch grew or not")
+                         "one growth per epoch, 2 growth(s) at most (max_batch=512), never shrinking; the lr column "
+                         "is a stage's first LR if it starts at the earliest epoch: it decays x0.375 every 2 epoch(s) "
+                         "whether the batch grew or not")
 
 
 def test_one_data_set_registry_for_the_plan_the_help_and_the_readers():

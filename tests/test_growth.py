@@ -92,8 +92,9 @@ def _records(run_dir):
 
 def test_a_noise_run_stopped_mid_window_resumes_bit_identical(tmp_path):
     """Epoch 0 is 32 steps; its checks fall after steps 8 (256 samples seen, below the half-life: fails), 16, 24 and
-    32; the noise scale is measured on every 3rd step. A stop after step 20 lands inside the window of 3 checks that decides the first growth, with 1 passed: the
-    resumed run ends with the same decisions, records and weights as the run that went straight through."""
+    32; the noise scale is measured on every 3rd step. A stop after step 20 lands inside the window of 3 checks that
+    decides the first growth, with 1 passed: the resumed run ends with the same decisions, records and weights as the
+    run that went straight through."""
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     _run(straight)
     records = _records(straight)
